@@ -1,0 +1,49 @@
+"""The ``grass-llm`` command line: one entry point, one subcommand per workflow.
+
+Each subcommand lives in its own module, which provides ``add_cli_arguments(parser)`` and
+``cli_main(args) -> int``. Modules are imported only when their subcommand runs, so
+``grass-llm -h`` stays fast and the core never imports transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("grass_llm.train", "fine-tune a model with GRASS or a baseline (YAML config + key=value overrides)"),
+    "eval": ("grass_llm.evaluate", "evaluate a model on LLM-Adapters arithmetic / commonsense benchmarks"),
+    "memory": ("grass_llm.memory", "estimate peak device memory of one training step, without a GPU"),
+    "plot": ("grass_llm.plots", "draw layer-activity, MGN, probability and loss plots for a run directory"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grass-llm",
+        description="GRASS: gradient-based adaptive layer-wise importance sampling for LLM fine-tuning.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_cli_arguments(p)
+        p.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    return int(module.cli_main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,3 +30,26 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "llm-adapters").is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def make_tiny_llama(num_layers: int = 4, vocab: int = 64, hidden: int = 16, tie: bool = False, seed: int = 0):
+    """A random Llama small enough for many CPU steps a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama

@@ -1,0 +1,25 @@
+"""grass-llm: GRASS, gradient-based adaptive layer-wise importance sampling for LLM fine-tuning."""
+
+from grass_llm.checkpointing import enable_gradient_checkpointing
+from grass_llm.config import POLICIES, ConfigError, GrassConfig
+from grass_llm.importance import ImportanceTracker
+from grass_llm.layers import LayerDiscoveryError, LayerGroups, discover_layers
+from grass_llm.optim import GrassOptimizer
+from grass_llm.sampling import LayerSampler, mgn_probabilities
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POLICIES",
+    "ConfigError",
+    "GrassConfig",
+    "GrassOptimizer",
+    "ImportanceTracker",
+    "LayerDiscoveryError",
+    "LayerGroups",
+    "LayerSampler",
+    "__version__",
+    "discover_layers",
+    "enable_gradient_checkpointing",
+    "mgn_probabilities",
+]

@@ -14,7 +14,10 @@ from collections.abc import Sequence
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("grass_llm.train", "fine-tune a model with GRASS or a baseline (YAML config + key=value overrides)"),
+    "train": (
+        "grass_llm.train",
+        "fine-tune a model with GRASS or a baseline (YAML config + key=value overrides)",
+    ),
     "eval": ("grass_llm.evaluate", "evaluate a model on LLM-Adapters arithmetic / commonsense benchmarks"),
     "memory": ("grass_llm.memory", "estimate peak device memory of one training step, without a GPU"),
     "plot": ("grass_llm.plots", "draw layer-activity, MGN, probability and loss plots for a run directory"),

@@ -1,0 +1,173 @@
+"""``GrassConfig``: every knob of GRASS, with help text, validation and dict round-trips.
+
+Defaults follow the paper (arXiv:2604.07808, section 4 and appendix A): gamma = 2 active layers,
+a sampling period Ts = 25 steps, a probing phase Tp = 150 steps. The paper does not state the
+temperature or the EMA factor; we default to tau = 1.0 on the *normalised* MGN scale (see
+``temperature``) and alpha = 0.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["POLICIES", "ConfigError", "GrassConfig"]
+
+#: Sampling policies. ``grass``: adaptive (paper), ``static``: GRASS* (probabilities fixed after
+#: probing), ``uniform``: LISA's uniform layer sampling.
+POLICIES = ("grass", "static", "uniform")
+_REACTIVATION = ("keep", "reset")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range. The message names the field and what is allowed."""
+
+
+@dataclass
+class GrassConfig:
+    """Configuration of GRASS layer sampling and of the layer-wise optimizer.
+
+    Every field carries its help text in ``metadata["help"]``; the CLI builds its options from it.
+    """
+
+    active_layers: int = field(
+        default=2,
+        metadata={"help": "gamma: number of decoder layers trained at a time (paper default 2)."},
+    )
+    period: int = field(
+        default=25,
+        metadata={
+            "help": "Ts: optimizer steps between two resamplings of the active layers (paper default 25)."
+        },
+    )
+    probe_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tp: probing steps at the start (forward+backward through all layers, no update) that "
+            "initialise the MGN. Default: 150 (paper) for the grass/static policies, 0 for uniform (LISA has "
+            "no probing)."
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "tau in softmax(m / tau). m is the MGN divided by its mean over layers, so tau is "
+            "independent of the loss scale: a layer with twice the mean MGN gets exp(1/tau) times the "
+            "weight of an average one."
+        },
+    )
+    ema: float = field(
+        default=0.5,
+        metadata={"help": "alpha in eq. 4: weight of the newly observed MGN of a trained layer, in (0, 1]."},
+    )
+    policy: str = field(
+        default="grass",
+        metadata={
+            "help": "grass (adaptive), static (GRASS*: probabilities fixed after probing), uniform (LISA)."
+        },
+    )
+    train_embeddings: bool = field(
+        default=False, metadata={"help": "Always train the input (and position) embeddings."}
+    )
+    train_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Always train the output head (lm_head); a head tied to the embeddings trains both."
+        },
+    )
+    train_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "Always train the parameters outside the decoder blocks that are not embeddings or head "
+            "(final norm and similar)."
+        },
+    )
+    on_reactivation: str = field(
+        default="keep",
+        metadata={
+            "help": "keep: a layer sampled again resumes its earlier AdamW state (paper); reset: start afresh."
+        },
+    )
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata={
+            "help": "Clip the gradient norm of the trainable parameters to this value inside step() "
+            "(after the MGN is read, so importance sees the raw gradient). None: no clipping."
+        },
+    )
+    offload: bool | str = field(
+        default="auto",
+        metadata={
+            "help": "Keep every layer's optimizer state in host memory and stream the active one to "
+            "the device. auto: on when the parameters live on a CUDA device."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the layer-sampling generator."})
+
+    def __post_init__(self) -> None:
+        if self.probe_steps is None:
+            self.probe_steps = 0 if self.policy == "uniform" else 150
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self, num_layers: int | None = None) -> None:
+        """Raise ``ConfigError`` naming the first bad field. ``num_layers`` bounds ``active_layers``."""
+        _int_at_least("active_layers", self.active_layers, 1)
+        if num_layers is not None and self.active_layers > num_layers:
+            raise ConfigError(
+                f"active_layers={self.active_layers} is larger than the model's {num_layers} decoder layers; "
+                f"allowed: 1..{num_layers}"
+            )
+        _int_at_least("period", self.period, 1)
+        _int_at_least("probe_steps", self.probe_steps, 0)
+        _int_at_least("seed", self.seed, 0)
+        if not _is_real(self.temperature) or not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature={self.temperature!r} is invalid; allowed: a finite float > 0")
+        if not _is_real(self.ema) or not (0 < self.ema <= 1):
+            raise ConfigError(f"ema={self.ema!r} is invalid; allowed: a float in (0, 1]")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy={self.policy!r} is unknown; allowed: {', '.join(POLICIES)}")
+        if self.on_reactivation not in _REACTIVATION:
+            raise ConfigError(f"on_reactivation={self.on_reactivation!r} is unknown; allowed: keep, reset")
+        if self.max_grad_norm is not None and (
+            not _is_real(self.max_grad_norm)
+            or not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm))
+        ):
+            raise ConfigError(
+                f"max_grad_norm={self.max_grad_norm!r} is invalid; allowed: None or a float > 0"
+            )
+        if not (self.offload == "auto" or isinstance(self.offload, bool)):
+            raise ConfigError(f"offload={self.offload!r} is invalid; allowed: 'auto', True, False")
+        for name in ("train_embeddings", "train_head", "train_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; allowed: true or false")
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GrassConfig:
+        """Build from a dict. Unknown keys (e.g. from a newer version) are ignored with a warning."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"GrassConfig: ignoring unknown keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> help text."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name}={value!r} is invalid; allowed: an integer >= {low}")

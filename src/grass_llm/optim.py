@@ -1,0 +1,405 @@
+"""``GrassOptimizer``: AdamW that trains only the decoder layers GRASS samples, one state per layer.
+
+Life of a run (one ``step()`` = one optimizer step, after all micro-batches of gradient accumulation):
+
+1. Probing, ``probe_steps`` steps. Every decoder layer requires grad; a gradient-ready hook on each
+   parameter adds ``||grad||^2`` to its layer's running sum and frees ``.grad`` at once, so no
+   gradient memory is held. ``step()`` turns the sums into MGN observations and changes no weight.
+   With k micro-batches per step the hooks see the micro-batch gradients g_i, not their sum; the
+   observation is then ``sqrt(k * sum_i ||g_i||^2 / N)``, which equals the accumulated gradient's
+   ``sqrt(||sum_i g_i||^2 / N)`` when the micro-batch gradients agree and is an upper estimate
+   otherwise (holding the accumulated gradient would cost a full gradient copy).
+2. Training. Every ``period`` steps the sampler draws ``active_layers`` layers; only they (and the
+   embeddings / norm / head groups switched on in the config) require grad and are stepped. The
+   optimizer sets ``requires_grad`` itself, so backward stops at the lowest active layer when the
+   embeddings are frozen. ``step()`` reads the MGN of the active layers from their gradients (one
+   fused ``torch._foreach_norm``, no host sync), clips if configured, and runs AdamW. At the end of
+   a period the MGN of the trained layers is updated by EMA (eq. 4) and new layers are drawn.
+
+The AdamW arithmetic is PyTorch's own functional ``torch.optim.adam.adam`` with
+``decoupled_weight_decay=True``, called with the same defaults as ``torch.optim.AdamW``, so with every
+layer active the result equals ``torch.optim.AdamW`` bit for bit. ``param_groups`` has one group per
+unit (each decoder layer, ``embeddings``, ``norm``, ``head``) so LR schedulers change the LR applied.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.adam import adam as _functional_adam
+
+from grass_llm.config import GrassConfig
+from grass_llm.importance import ImportanceTracker
+from grass_llm.layers import LayerGroups, LayerSpec, discover_layers
+from grass_llm.sampling import LayerSampler
+
+__all__ = ["GrassOptimizer"]
+
+_EXTRA_GROUPS = ("embeddings", "norm", "head")
+
+
+class GrassOptimizer(torch.optim.Optimizer):
+    """AdamW over GRASS-sampled decoder layers.
+
+    Args:
+        model: the model to fine-tune. Its decoder blocks are found by introspection (see
+            ``grass_llm.layers``) unless ``layers`` names them.
+        config: a ``GrassConfig``; the paper's defaults when omitted.
+        lr, betas, eps, weight_decay: AdamW hyper-parameters (``torch.optim.AdamW`` semantics;
+            weight decay is decoupled and applies to every trained parameter).
+        layers: override for the decoder blocks: a dotted module path or ``model -> blocks``.
+        foreach: passed to the functional AdamW (``None``: PyTorch's default for the device).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: GrassConfig | None = None,
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        layers: LayerSpec = None,
+        foreach: bool | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not (lr >= 0):
+            raise ValueError(f"lr={lr!r} is invalid; allowed: a float >= 0")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas={betas!r} is invalid; allowed: two floats in [0, 1)")
+        if not (eps >= 0):
+            raise ValueError(f"eps={eps!r} is invalid; allowed: a float >= 0")
+        if not (weight_decay >= 0):
+            raise ValueError(f"weight_decay={weight_decay!r} is invalid; allowed: a float >= 0")
+        self.config = copy.deepcopy(config) if config is not None else GrassConfig()
+        self.groups: LayerGroups = discover_layers(model, layers)
+        self.config.validate(num_layers=self.groups.num_layers)
+        self.model = model
+        # parameters the user froze before handing us the model stay frozen
+        self._user_frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=False,
+            maximize=False,
+            foreach=foreach,
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            decoupled_weight_decay=True,
+        )
+        param_groups: list[dict[str, Any]] = []
+        for i, params in enumerate(self.groups.block_params):
+            param_groups.append({"params": params, "unit": f"layer.{i}", "layer": i})
+        for name in _EXTRA_GROUPS:
+            params = getattr(self.groups, name)
+            if params:
+                param_groups.append({"params": params, "unit": name, "layer": None})
+        super().__init__(param_groups, defaults)
+
+        cfg = self.config
+        trackable = [self.groups.numel(i) for i in range(self.groups.num_layers)]
+        device = next(iter(self.groups.block_params[0])).device
+        self.importance_tracker = ImportanceTracker(trackable, device=device)
+        self.sampler = LayerSampler(
+            self.groups.num_layers, cfg.active_layers, cfg.policy, cfg.temperature, cfg.seed
+        )
+        self._layer_of = {id(p): i for i, ps in enumerate(self.groups.block_params) for p in ps}
+        self.global_step = 0
+        self.probe_done = 0
+        self.period_pos = 0
+        self._active: list[int] = []
+        self._probe_handles: list[Any] = []
+        self._probe_micro = 0
+        self._probe_ref: nn.Parameter | None = None
+        self._always = {name for name in _EXTRA_GROUPS if getattr(cfg, f"train_{name}")}
+        self._warned_no_grad = False
+        self._fwd_hook = model.register_forward_pre_hook(self._strip_input_require_grads)
+
+        if cfg.probe_steps > 0:
+            self._start_probe()
+        else:
+            self._finish_probe()
+
+    # ------------------------------------------------------------------------------------------
+    # public read-only views
+    @property
+    def active_layers(self) -> list[int]:
+        """Decoder layers training now (``[]`` while probing)."""
+        return list(self._active)
+
+    @property
+    def importance(self) -> torch.Tensor:
+        """Current MGN per decoder layer (1-D, float64, on the host; reading it syncs the device)."""
+        return self.importance_tracker.current()
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """Current sampling probabilities per decoder layer (1-D, float64)."""
+        return self.sampler.probabilities.clone()
+
+    @property
+    def probing(self) -> bool:
+        return self.probe_done < self.config.probe_steps
+
+    @property
+    def num_layers(self) -> int:
+        return self.groups.num_layers
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters stepped now: active layers plus the always-trained groups."""
+        return [p for g in self._trained_groups() for p in g["params"] if id(p) not in self._user_frozen]
+
+    # ------------------------------------------------------------------------------------------
+    # step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.probing:
+            self._probe_step()
+        else:
+            self._train_step()
+        self.global_step += 1
+        return loss
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients of the trained parameters to ``max_norm``; returns the total norm (on device)."""
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros(())
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=None)
+
+    def _probe_step(self) -> None:
+        micro = self._probe_micro
+        if micro == 0 and not self._warned_no_grad:
+            warnings.warn(
+                "GrassOptimizer.step() during probing saw no backward pass since the last step",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned_no_grad = True
+        self.importance_tracker.observe_step(
+            range(self.num_layers) if micro else [], scale=float(max(micro, 1))
+        )
+        self._probe_micro = 0
+        self.probe_done += 1
+        if self.probe_done == self.config.probe_steps:
+            self._finish_probe()
+
+    def _train_step(self) -> None:
+        grads: dict[int, list[torch.Tensor]] = {}
+        for layer in self._active:
+            gs = [p.grad for p in self.groups.block_params[layer] if p.grad is not None]
+            if gs:
+                grads[layer] = gs
+        if len(grads) < len(self._active) and not self._warned_no_grad:
+            missing = sorted(set(self._active) - set(grads))
+            warnings.warn(
+                f"active layers {missing} received no gradient this step (was backward called? with gradient "
+                "checkpointing use use_reentrant=False, or grass_llm.enable_gradient_checkpointing)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned_no_grad = True
+        self.importance_tracker.observe_grads(grads)
+        if self.config.max_grad_norm is not None:
+            self.clip_grad_norm_(self.config.max_grad_norm)
+        for group in self._trained_groups():
+            self._adamw_group(group)
+        self.period_pos += 1
+        if self.period_pos == self.config.period:
+            self._resample()
+
+    def _adamw_group(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("GrassOptimizer does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                # same initial state as torch.optim.Adam._init_group (non-capturable, non-fused)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        _functional_adam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            foreach=group["foreach"],
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            grad_scale=None,
+            found_inf=None,
+            has_complex=any(torch.is_complex(p) for p in params),
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # phases and switching
+    def _trained_groups(self) -> Iterable[dict[str, Any]]:
+        if self.probing:
+            return []
+        active = set(self._active)
+        return [
+            g
+            for g in self.param_groups
+            if (g["layer"] is not None and g["layer"] in active)
+            or (g["layer"] is None and g["unit"] in self._always)
+        ]
+
+    def _start_probe(self) -> None:
+        """Every block trainable; hooks read each gradient's norm and free it."""
+        self._set_requires_grad(set(range(self.num_layers)), extra=False)
+        self._remove_probe_hooks()
+        for i, params in enumerate(self.groups.block_params):
+            for p in params:
+                if id(p) in self._user_frozen:
+                    continue
+                if self._probe_ref is None:
+                    self._probe_ref = p
+                self._probe_handles.append(p.register_post_accumulate_grad_hook(self._make_probe_hook(i)))
+
+    def _make_probe_hook(self, layer: int) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            # invariant: the norm kernel is queued on the stream that produced the gradient, before
+            # the grad is dropped; the caching allocator keeps the memory until that kernel has run
+            self.importance_tracker.add_sumsq(layer, p.grad)
+            if p is self._probe_ref:
+                self._probe_micro += 1
+            p.grad = None
+
+        return hook
+
+    def _remove_probe_hooks(self) -> None:
+        for h in self._probe_handles:
+            h.remove()
+        self._probe_handles = []
+
+    def _finish_probe(self) -> None:
+        self._remove_probe_hooks()
+        mgn = (
+            self.importance_tracker.end_probe()
+            if self.config.probe_steps > 0
+            else self.importance_tracker.mgn
+        )
+        self.sampler.update(mgn)
+        self.period_pos = 0
+        self._activate(self.sampler.draw())
+
+    def _resample(self) -> None:
+        mgn = self.importance_tracker.end_period(self.config.ema)
+        if self.config.policy == "grass":
+            self.sampler.update(mgn)
+        self.period_pos = 0
+        self._activate(self.sampler.draw())
+
+    def _activate(self, layers: list[int]) -> None:
+        leaving = set(self._active) - set(layers)
+        if self.config.on_reactivation == "reset":
+            for i in leaving:
+                for p in self.groups.block_params[i]:
+                    self.state.pop(p, None)
+        self._active = sorted(layers)
+        self._set_requires_grad(set(self._active), extra=True)
+
+    def _set_requires_grad(self, layers: set[int], extra: bool) -> None:
+        for group in self.param_groups:
+            if group["layer"] is not None:
+                on = group["layer"] in layers
+            else:
+                on = extra and group["unit"] in self._always
+            for p in group["params"]:
+                p.requires_grad_(on and id(p) not in self._user_frozen)
+                if not p.requires_grad:
+                    p.grad = None
+
+    def _strip_input_require_grads(self, module: nn.Module, args: Any) -> None:
+        """HF's ``enable_input_require_grads`` (installed by gradient checkpointing) makes the embedding
+        output require grad, which forces backward through every frozen layer. Remove it unless the
+        embeddings train."""
+        if "embeddings" in self._always:
+            return
+        if getattr(module, "_require_grads_hooks", None) and hasattr(module, "disable_input_require_grads"):
+            module.disable_input_require_grads()
+
+    # ------------------------------------------------------------------------------------------
+    # state
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["grass"] = {
+            "version": 1,
+            "config": self.config.to_dict(),
+            "num_layers": self.num_layers,
+            "global_step": self.global_step,
+            "probe_done": self.probe_done,
+            "period_pos": self.period_pos,
+            "active": list(self._active),
+            "importance": self.importance_tracker.state_dict(),
+            "sampler": self.sampler.state_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        grass = state_dict.pop("grass", None)
+        if grass is None:
+            raise ValueError(
+                "state_dict has no 'grass' entry: it was not saved by GrassOptimizer.state_dict()"
+            )
+        if grass["num_layers"] != self.num_layers:
+            raise ValueError(
+                f"state_dict is for a model with {grass['num_layers']} decoder layers, this one has {self.num_layers}"
+            )
+        super().load_state_dict(state_dict)
+        self.importance_tracker.load_state_dict(grass["importance"])
+        self.sampler.load_state_dict(grass["sampler"])
+        self.global_step = int(grass["global_step"])
+        self.probe_done = int(grass["probe_done"])
+        self.period_pos = int(grass["period_pos"])
+        self._probe_micro = 0
+        if self.probing:
+            self._active = []
+            self._start_probe()
+        else:
+            self._remove_probe_hooks()
+            self._active = sorted(int(i) for i in grass["active"])
+            self._set_requires_grad(set(self._active), extra=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"GrassOptimizer(layers={self.num_layers} at {self.groups.block_path!r}, policy={self.config.policy}, "
+            f"active={self._active}, step={self.global_step}, probing={self.probing})"
+        )

@@ -144,6 +144,7 @@ def test_worst_case_layer_pair_is_the_default(tiny):
     assert high.peak < low.peak
 
 
+@pytest.mark.slow
 def test_adapter_dtype_fp32_uses_more(tiny):
     bf16 = M.estimate_memory(tiny, "lora", rank=8, batch_size=1, seq_len=16)
     fp32 = M.estimate_memory(tiny, "lora", rank=8, batch_size=1, seq_len=16, adapter_dtype="fp32")

@@ -4,6 +4,7 @@ Writes ``benchmarks/results/memory.md``, ``memory.json`` (raw numbers) and ``mem
 
     python benchmarks/memory.py            # Table 4 + sequence-length sweep
     python benchmarks/memory.py --quick    # Table 4 only
+    python benchmarks/memory.py --report-only   # rebuild memory.md/png from memory.json
 """
 
 from __future__ import annotations
@@ -91,7 +92,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="Table 4 only, no sequence-length sweep")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild memory.md and the plot from memory.json, run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        return _rebuild(args.out)
     warnings.simplefilter("ignore")
     command = (
         "python benchmarks/memory.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
@@ -134,6 +142,29 @@ def main(argv=None) -> int:
     elapsed = time.time() - started
     _write(args.out, command, md_tables, table, sweep, elapsed)
     print(f"wrote {args.out / 'memory.md'} in {elapsed:.0f} s")
+    return 0
+
+
+def _rebuild(out: Path) -> int:
+    """Rebuild the report from ``memory.json`` (keeps the header of the run that produced it)."""
+    import dataclasses
+
+    from grass_llm.memory import MemoryEstimate
+
+    data = json.loads((out / "memory.json").read_text())
+    old = (out / "memory.md").read_text().splitlines()
+    command = next(ln.split("`")[1] for ln in old if ln.startswith("- command:"))
+    elapsed = float(next(ln for ln in old if ln.startswith("- date:")).split("wall time ")[1].split(" s")[0])
+    names = {f.name for f in dataclasses.fields(MemoryEstimate)}
+    md_tables = []
+    for model in PAPER_TABLE4:
+        rows = [r for r in data["table4"] if r["model"] == model]
+        if rows:
+            ests = [MemoryEstimate(**{k: v for k, v in r.items() if k in names}) for r in rows]
+            paper = {e.label: r["paper_gb"] for e, r in zip(ests, rows)}
+            md_tables.append(f"### {model}\n\n" + format_table(ests, paper=paper))
+    _write(out, command, md_tables, data["table4"], data["seqlen_sweep"], elapsed)
+    print(f"rebuilt {out / 'memory.md'}")
     return 0
 
 

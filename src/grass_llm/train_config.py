@@ -123,7 +123,11 @@ class TrainConfig:
         ),
     )
     data_dir: str | None = field(
-        default=None, metadata=_help("Directory that a relative `data` path is resolved against.")
+        default=None,
+        metadata=_help(
+            "Directory that a relative `data` path is resolved against when it does not exist as given "
+            "(default: $GRASS_DATA_DIR, else the shared data root)."
+        ),
     )
     max_length: int = field(default=256, metadata=_help("Token cutoff per example (or per packed row)."))
     train_on_response_only: bool = field(
@@ -151,6 +155,13 @@ class TrainConfig:
     schedule: str = field(default="linear", metadata=_help(f"LR decay: {', '.join(SCHEDULES)}."))
     max_steps: int | None = field(
         default=None, metadata=_help("Optimizer steps to run (probing included); overrides epochs.")
+    )
+    stop_at_step: int | None = field(
+        default=None,
+        metadata=_help(
+            "End this invocation after this global step with a checkpoint (no final model); the LR schedule "
+            "still spans the whole run. For jobs with a time limit: continue with --resume."
+        ),
     )
     epochs: float = field(default=3, metadata=_help("Passes over the data when max_steps is not set."))
     weight_decay: float = field(default=0.0, metadata=_help("Decoupled (AdamW) weight decay."))
@@ -195,13 +206,6 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) if self.out_dir else Path("runs") / self.method
-
-    @property
-    def data_path(self) -> str:
-        """``data`` resolved against ``data_dir`` (builtin sources unchanged)."""
-        if self.data.startswith("builtin:") or self.data_dir is None or Path(self.data).is_absolute():
-            return self.data
-        return str(Path(self.data_dir) / self.data)
 
     @property
     def layer_wise(self) -> bool:
@@ -265,6 +269,8 @@ class TrainConfig:
         _int("seed", self.seed, 0)
         if self.max_steps is not None:
             _int("max_steps", self.max_steps, 1)
+        if self.stop_at_step is not None:
+            _int("stop_at_step", self.stop_at_step, 1)
         _positive("epochs", self.epochs)
         if self.lr is not None:
             _positive("lr", self.lr)

@@ -1,0 +1,105 @@
+"""Every shipped config in configs/ loads, validates and runs (shortened, on the tiny model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from grass_llm.train_config import METHODS, TrainConfig, load_train_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+PAPER = [p for p in CONFIGS if p.name != "demo.yaml"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert "demo.yaml" in names
+    assert {load_train_config(p).method for p in PAPER} == set(METHODS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_and_validates(path):
+    cfg = load_train_config(path)
+    assert isinstance(cfg, TrainConfig)
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.method == raw["method"]
+    if path in PAPER:  # Table 9, TinyLlama arithmetic column
+        assert cfg.batch_size * cfg.grad_accum == 8 and cfg.model.startswith("TinyLlama/")
+        assert cfg.lr == {"grass": 3e-5, "grass-static": 3e-5, "lisa": 5e-5, "fft": 1e-5}.get(
+            cfg.method, 1e-4
+        )
+        if cfg.method in ("grass", "grass-static"):
+            assert (cfg.grass.active_layers, cfg.grass.period, cfg.grass.probe_steps) == (2, 25, 150)
+        if cfg.method == "lisa":
+            assert (cfg.lisa.active_layers, cfg.lisa.period) == (2, 10)
+        if cfg.method in ("lora", "dora"):
+            assert cfg.lora.alpha == 2 * cfg.lora.rank and cfg.lora.rank in (128, 256)
+
+
+def test_demo_yaml_is_the_embedded_default():
+    from grass_llm.train import DEMO_CONFIG
+
+    demo = load_train_config(Path(CONFIGS[0].parent / "demo.yaml"))
+    assert demo == load_train_config(base=DEMO_CONFIG)
+
+
+def test_demo_runs_and_prints_where_things_are(tmp_path, capsys):
+    from grass_llm.cli import main
+
+    out = tmp_path / "demo"
+    # the demo itself, shortened: 6 steps (2 probing, periods of 2)
+    rc = main(
+        ["train", f"out_dir={out}", "max_steps=6", "grass.probe_steps=2", "grass.period=2", "plots=false"]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"checkpoint: {out}/checkpoints/step-000006" in printed
+    assert f"model:      {out}/final" in printed and f"log:        {out}/log.jsonl" in printed
+
+
+def _run_shortened(path: Path, tmp_path: Path, data: list[str]):
+    from grass_llm.train import train
+
+    small = ["lora.rank=4", "lora.alpha=8"] if load_train_config(path).method in ("lora", "dora") else []
+    cfg = load_train_config(
+        path,
+        [
+            "model=builtin:tiny",
+            *data,
+            "dtype=fp32",
+            "device=cpu",
+            "max_steps=2",
+            "grass.probe_steps=1",
+            "tensorboard=false",
+            "plots=false",
+            f"out_dir={tmp_path}",
+            *small,
+        ],
+    )
+    result = train(cfg)
+    assert result.steps == 2 and result.final_dir is not None and (result.final_dir / "config.json").is_file()
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
+def test_paper_config_runs_shortened(path, tmp_path):
+    """The paper configs with the model swapped for builtin:tiny and the data for builtin:arith, 2 steps."""
+    _run_shortened(path, tmp_path, ["data=builtin:arith", "max_length=64"])
+
+
+def test_paper_config_runs_on_llm_adapters_data(tmp_path, shared_data):
+    """The GRASS config on a real LLM-Adapters file (math_data.json, 3,260 records; math_10k is not here)."""
+    data = shared_data / "llm-adapters" / "ft-training_set" / "math_data.json"
+    _run_shortened(
+        CONFIGS[0].parent / "tinyllama-math-grass.yaml", tmp_path, [f"data={data}", "data_dir=null"]
+    )

@@ -1,0 +1,81 @@
+"""GRASS with the Hugging Face Trainer (TRL's SFTTrainer takes the same `optimizers=` and `callbacks=`).
+
+    python examples/hf_trainer.py            # tiny random Llama + built-in arithmetic data, CPU
+
+Three things to do:
+1. build the optimizer and scheduler with `create_grass_optimizer_and_scheduler` and pass them as
+   `optimizers=(optimizer, scheduler)`;
+2. set `max_grad_norm=0` in TrainingArguments (the Trainer clips before step(), which would hide the
+   raw gradient norms GRASS samples by) and clip with `GrassConfig.max_grad_norm` instead;
+3. `add_grass_callback(trainer)` logs active layers, MGN and probabilities per layer
+   (`grass/active/layer_i`, `grass/mgn/layer_i`, `grass/prob/layer_i`) to every reporter.
+"""
+
+import tempfile
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+from grass_llm import GrassConfig
+from grass_llm.data import builtin_sample, builtin_tokenizer, tokenize_records
+from grass_llm.integrations.hf import add_grass_callback, create_grass_optimizer_and_scheduler
+
+torch.manual_seed(0)
+tokenizer = builtin_tokenizer()
+examples = tokenize_records(builtin_sample(64), tokenizer, max_length=96)  # [{"input_ids", "labels"}]
+
+
+def collate(rows):
+    """Right-pad a list of examples into (B, T) tensors; padded labels are -100 (no loss)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+model = LlamaForCausalLM(
+    LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+)
+
+args = TrainingArguments(
+    output_dir=tempfile.mkdtemp(prefix="grass-hf-"),
+    per_device_train_batch_size=8,
+    learning_rate=3e-3,
+    warmup_steps=5,  # counted after probing
+    lr_scheduler_type="cosine",
+    max_steps=80,
+    max_grad_norm=0.0,  # clip in GRASS instead (see GrassConfig.max_grad_norm)
+    logging_steps=10,
+    save_strategy="no",
+    report_to=[],  # e.g. ["tensorboard"]: the GRASS scalars go there too
+    use_cpu=True,
+    remove_unused_columns=False,
+)
+grass = GrassConfig(active_layers=2, period=10, probe_steps=20, max_grad_norm=1.0)
+optimizer, scheduler = create_grass_optimizer_and_scheduler(model, args, grass_config=grass)
+
+trainer = Trainer(
+    model=model,
+    args=args,
+    train_dataset=examples,
+    data_collator=collate,
+    optimizers=(optimizer, scheduler),
+)
+add_grass_callback(trainer)
+trainer.train()
+
+last = trainer.state.log_history[-2]  # the last training log (the final entry is the summary)
+active = [i for i in range(optimizer.num_layers) if last.get(f"grass/active/layer_{i}")]
+print(f"last logged step {last['step']}: loss {last['loss']:.3f}, active layers {active}")

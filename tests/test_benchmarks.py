@@ -52,4 +52,4 @@ def test_accuracy_smoke(tmp_path: Path) -> None:
         assert f"| {method} |" in md
     res = json.loads((tmp_path / "accuracy.json").read_text())
     assert len(res["runs"]) == 5 and all(0 <= r["accuracy"] <= 100 for r in res["runs"])
-    assert list((tmp_path / "cache").glob("pretrained-*.pt")), "the pretrained model is cached"
+    assert list((tmp_path / "cache").rglob("pretrained-*.pt")), "the pretrained model is cached"

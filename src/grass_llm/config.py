@@ -105,6 +105,27 @@ class GrassConfig:
             "the device. auto: on when the parameters live on a CUDA device."
         },
     )
+    overlap: bool = field(
+        default=True,
+        metadata={
+            "help": "With offload on CUDA: copy states on a separate stream and prefetch the next layer's "
+            "state while the current one steps. False: copies on the compute stream (for profiling)."
+        },
+    )
+    fp32_optimizer_states: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep AdamW moments in fp32 even for bf16/fp16 weights (the update is then computed in "
+            "fp32). Default False: moments in the weights' dtype, the paper's pure-bf16 setting."
+        },
+    )
+    fp32_master_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep an fp32 master copy of every trained weight in the optimizer state (host memory "
+            "with offload) and copy it into the low-precision weight after each update."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the layer-sampling generator."})
 
     def __post_init__(self) -> None:
@@ -141,7 +162,14 @@ class GrassConfig:
             )
         if not (self.offload == "auto" or isinstance(self.offload, bool)):
             raise ConfigError(f"offload={self.offload!r} is invalid; allowed: 'auto', True, False")
-        for name in ("train_embeddings", "train_head", "train_norm"):
+        for name in (
+            "train_embeddings",
+            "train_head",
+            "train_norm",
+            "overlap",
+            "fp32_optimizer_states",
+            "fp32_master_weights",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; allowed: true or false")
 

@@ -24,6 +24,7 @@ unit (each decoder layer, ``embeddings``, ``norm``, ``head``) so LR schedulers c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable, Iterable
@@ -34,6 +35,7 @@ from torch import nn
 from torch.optim.adam import adam as _functional_adam
 
 from grass_llm.config import GrassConfig
+from grass_llm.distributed import GrassDistributed, resolve_distributed
 from grass_llm.importance import ImportanceTracker
 from grass_llm.layers import LayerGroups, LayerSpec, discover_layers
 from grass_llm.sampling import LayerSampler
@@ -54,6 +56,9 @@ class GrassOptimizer(torch.optim.Optimizer):
             weight decay is decoupled and applies to every trained parameter).
         layers: override for the decoder blocks: a dotted module path or ``model -> blocks``.
         foreach: passed to the functional AdamW (``None``: PyTorch's default for the device).
+        distributed: data-parallel synchronisation (``grass_llm.distributed``): ``"auto"`` turns it on
+            when torch.distributed is initialised with more than one rank; ``None``/``False``: off; or a
+            ``GrassDistributed`` (e.g. with ``shard_optimizer_states=True``). Do not wrap the model in DDP.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         layers: LayerSpec = None,
         foreach: bool | None = None,
+        distributed: GrassDistributed | bool | str | None = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -124,7 +130,12 @@ class GrassOptimizer(torch.optim.Optimizer):
         self._always = {name for name in _EXTRA_GROUPS if getattr(cfg, f"train_{name}")}
         self._warned_no_grad = False
         self._fwd_hook = model.register_forward_pre_hook(self._strip_input_require_grads)
+        self._offloader = self._make_offloader(device)
 
+        # invariant: attached before the first draw and before the probing hooks are registered
+        self.dist = resolve_distributed(distributed, model)
+        if self.dist is not None:
+            self.dist.attach(self)
         if cfg.probe_steps > 0:
             self._start_probe()
         else:
@@ -158,6 +169,11 @@ class GrassOptimizer(torch.optim.Optimizer):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters stepped now: active layers plus the always-trained groups."""
         return [p for g in self._trained_groups() for p in g["params"] if id(p) not in self._user_frozen]
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        """Context for the backward passes of all micro-batches but the last: no gradient all-reduce
+        (a no-op on one process)."""
+        return self.dist.no_sync() if self.dist is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -199,6 +215,8 @@ class GrassOptimizer(torch.optim.Optimizer):
             self._finish_probe()
 
     def _train_step(self) -> None:
+        if self.dist is not None:
+            self.dist.reduce_gradients(self._trained_groups())  # every rank now holds the mean gradients
         grads: dict[int, list[torch.Tensor]] = {}
         for layer in self._active:
             gs = [p.grad for p in self.groups.block_params[layer] if p.grad is not None]
@@ -216,35 +234,82 @@ class GrassOptimizer(torch.optim.Optimizer):
         self.importance_tracker.observe_grads(grads)
         if self.config.max_grad_norm is not None:
             self.clip_grad_norm_(self.config.max_grad_norm)
-        for group in self._trained_groups():
-            self._adamw_group(group)
+        trained = [g for g in self._trained_groups() if any(p.grad is not None for p in g["params"])]
+        self._step_groups([g for g in trained if self.dist is None or self.dist.owns(g)])
+        if self.dist is not None:
+            self.dist.broadcast_updates(trained)  # ZeRO-1: each owner sends its units' new weights
         self.period_pos += 1
         if self.period_pos == self.config.period:
             self._resample()
 
-    def _adamw_group(self, group: dict[str, Any]) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    def _step_groups(self, groups: list[dict[str, Any]]) -> None:
+        """AdamW on each group in turn. With offload, a group's state is staged on the device just for
+        its update: the next group's copy-in is issued before this group's update (prefetch), and the
+        write-back is queued right after it (see grass_llm.offload for the stream/event invariants)."""
+        off = self._offloader
+        if off is not None and groups:
+            off.prefetch(groups[0]["unit"])
+        for i, group in enumerate(groups):
+            staged = None
+            if off is not None:
+                staged = off.acquire(group["unit"])
+                if i + 1 < len(groups):
+                    off.prefetch(groups[i + 1]["unit"])
+            self._adamw_group(group, staged)
+            if off is not None:
+                off.release(group["unit"])
+
+    def _adamw_group(
+        self, group: dict[str, Any], staged: dict[str, list[torch.Tensor]] | None = None
+    ) -> None:
+        cfg = self.config
+        params, grads, exp_avgs, exp_avg_sqs, steps, masters = [], [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("GrassOptimizer does not support sparse gradients")
             state = self.state[p]
-            if len(state) == 0:
+            if "step" not in state:
                 # same initial state as torch.optim.Adam._init_group (non-capturable, non-fused)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if staged is None:
+                    dtype = torch.float32 if cfg.fp32_optimizer_states else p.dtype
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        p, dtype=dtype, memory_format=torch.preserve_format
+                    )
+                    if cfg.fp32_master_weights:
+                        state["master"] = p.detach().to(torch.float32, copy=True)
+            if staged is not None:
+                k = self._offload_index[id(p)]
+                exp_avgs.append(staged["exp_avg"][k])
+                exp_avg_sqs.append(staged["exp_avg_sq"][k])
+                if "master" in staged:
+                    masters.append(staged["master"][k])
+            else:
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if "master" in state:
+                    masters.append(state["master"])
             params.append(p)
             grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         if not params:
             return
+        # the tensors AdamW updates: the weights themselves, their fp32 masters, or (fp32 moments
+        # without masters) fp32 copies that are written back after the update
+        if masters:
+            targets = masters
+        elif exp_avgs[0].dtype != params[0].dtype:
+            targets = [p.detach().to(exp_avgs[0].dtype) for p in params]
+        else:
+            targets = params
+        if targets is not params:
+            grads = [g.to(targets[0].dtype) for g in grads]
         beta1, beta2 = group["betas"]
         _functional_adam(
-            params,
+            targets,
             grads,
             exp_avgs,
             exp_avg_sqs,
@@ -266,6 +331,37 @@ class GrassOptimizer(torch.optim.Optimizer):
             eps=group["eps"],
             maximize=False,
         )
+        if targets is not params:
+            for p, t in zip(params, targets):
+                p.copy_(t)
+
+    def _make_offloader(self, device: torch.device):
+        """A LayerStateOffloader with one unit per param group, or None when offload is off."""
+        cfg = self.config
+        on = device.type == "cuda" if cfg.offload == "auto" else bool(cfg.offload)
+        if not on:
+            return None
+        from grass_llm.offload import LayerStateOffloader
+
+        off = LayerStateOffloader(device, overlap=cfg.overlap)
+        self._offload_index: dict[int, int] = {}
+        for group in self.param_groups:
+            params = [p for p in group["params"] if id(p) not in self._user_frozen]
+            if not params:
+                continue
+            off.register(
+                group["unit"],
+                params,
+                fp32_states=cfg.fp32_optimizer_states,
+                fp32_master=cfg.fp32_master_weights,
+            )
+            self._offload_index.update({id(p): k for k, p in enumerate(params)})
+        return off
+
+    @property
+    def offloader(self):
+        """The ``LayerStateOffloader`` holding every layer's state in host memory, or None."""
+        return self._offloader
 
     # ------------------------------------------------------------------------------------------
     # phases and switching
@@ -332,6 +428,8 @@ class GrassOptimizer(torch.optim.Optimizer):
             for i in leaving:
                 for p in self.groups.block_params[i]:
                     self.state.pop(p, None)
+                if self._offloader is not None and f"layer.{i}" in self._offloader.units():
+                    self._offloader.reset(f"layer.{i}")
         self._active = sorted(layers)
         self._set_requires_grad(set(self._active), extra=True)
 
@@ -358,7 +456,23 @@ class GrassOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
     # state
     def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: PyTorch's optimizer format (param groups, and per
+        parameter ``step``, ``exp_avg``, ``exp_avg_sq`` and ``master`` when enabled, always as tensors
+        independent of offloading) plus a ``grass`` entry with the sampler, RNG, MGN and schedule."""
         sd = super().state_dict()
+        if self._offloader is not None:
+            # offloaded moments live in host buffers; put copies where torch.optim keeps them
+            units = self._offloader.state_dict()["units"]
+            index = self._packed_index()
+            for group in self.param_groups:
+                staged = units.get(group["unit"])
+                if staged is None:
+                    continue
+                for p in group["params"]:
+                    if "step" not in self.state.get(p, {}) or id(p) not in self._offload_index:
+                        continue
+                    k = self._offload_index[id(p)]
+                    sd["state"][index[id(p)]].update({key: staged[key][k].clone() for key in staged})
         sd["grass"] = {
             "version": 1,
             "config": self.config.to_dict(),
@@ -370,6 +484,8 @@ class GrassOptimizer(torch.optim.Optimizer):
             "importance": self.importance_tracker.state_dict(),
             "sampler": self.sampler.state_dict(),
         }
+        if self.dist is not None:
+            sd = self.dist.consolidate_state_dict(sd)  # collective when sharding; rank 0's is complete
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -379,11 +495,36 @@ class GrassOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "state_dict has no 'grass' entry: it was not saved by GrassOptimizer.state_dict()"
             )
+        if grass.get("partial_shard"):
+            raise ValueError(
+                f"state_dict is rank {grass['partial_shard']['rank']}'s part of a sharded optimizer; save and "
+                "load the state_dict() of rank 0, which holds every rank's states"
+            )
         if grass["num_layers"] != self.num_layers:
             raise ValueError(
                 f"state_dict is for a model with {grass['num_layers']} decoder layers, this one has {self.num_layers}"
             )
-        super().load_state_dict(state_dict)
+        # torch.optim would cast the moments to the weights' dtype and device; keep them aside and place
+        # them ourselves (fp32 moments stay fp32, offloaded ones go to host buffers)
+        tensors: dict[int, dict[str, torch.Tensor]] = {}
+        stripped = {}
+        for idx, st in state_dict.get("state", {}).items():
+            tensors[idx] = {k: v for k, v in st.items() if k != "step"}
+            stripped[idx] = {k: v for k, v in st.items() if k == "step"}
+        super().load_state_dict({**state_dict, "state": stripped})
+        params = [p for g in self.param_groups for p in g["params"]]
+        offloaded: dict[str, dict[str, list[torch.Tensor]]] = {}
+        for idx, moments in tensors.items():
+            p = params[idx]
+            if self._offloader is not None and id(p) in self._offload_index:
+                unit = next(g["unit"] for g in self.param_groups if any(q is p for q in g["params"]))
+                offloaded.setdefault(unit, {}).setdefault("_items", []).append((p, moments))
+            else:
+                self.state[p].update({k: v.to(p.device) for k, v in moments.items()})
+        if self._offloader is not None:
+            self._offloader.load_state_dict({"units": self._fill_units(offloaded)})
+        if self.dist is not None:
+            self.dist.drop_unowned_states()  # ZeRO-1 on this world size; any world size can load
         self.importance_tracker.load_state_dict(grass["importance"])
         self.sampler.load_state_dict(grass["sampler"])
         self.global_step = int(grass["global_step"])
@@ -397,6 +538,39 @@ class GrassOptimizer(torch.optim.Optimizer):
             self._remove_probe_hooks()
             self._active = sorted(int(i) for i in grass["active"])
             self._set_requires_grad(set(self._active), extra=True)
+
+    def _packed_index(self) -> dict[int, int]:
+        """id(param) -> its index in torch.optim's packed state_dict (running over the param groups)."""
+        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def _fill_units(self, offloaded: dict[str, dict[str, list]]) -> dict[str, dict[str, list[torch.Tensor]]]:
+        """Offloader state for the units in a checkpoint; parameters without saved moments get zeros
+        (and a master copy of their current value), as a first use would give them."""
+        cfg = self.config
+        units = {}
+        for unit, entry in offloaded.items():
+            have = {id(p): m for p, m in entry["_items"]}
+            group = next(g for g in self.param_groups if g["unit"] == unit)
+            params = [p for p in group["params"] if id(p) in self._offload_index]
+            out: dict[str, list[torch.Tensor]] = {"exp_avg": [], "exp_avg_sq": []}
+            if cfg.fp32_master_weights:
+                out["master"] = []
+            for p in params:
+                dtype = torch.float32 if cfg.fp32_optimizer_states else p.dtype
+                m = have.get(id(p), {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    out[key].append(
+                        m[key].to("cpu", dtype) if key in m else torch.zeros(p.shape, dtype=dtype)
+                    )
+                if cfg.fp32_master_weights:
+                    master = m.get("master")
+                    out["master"].append(
+                        master.to("cpu", torch.float32)
+                        if master is not None
+                        else p.detach().to("cpu", torch.float32)
+                    )
+            units[unit] = out
+        return units
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,94 @@
+"""Optimizer-state offloading inside GrassOptimizer: same numbers as in memory, exact resume."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from test_optim import assert_models_equal, batches, train
+
+from grass_llm import GrassConfig, GrassOptimizer
+
+
+def _run(offload, steps=20, dtype=torch.float32, split=None, load_offload=None, **cfg):
+    base = dict(active_layers=2, period=3, probe_steps=2, seed=11, offload=offload, train_head=True)
+    base.update(cfg)
+    data = batches(steps)
+    model = make_tiny_llama(num_layers=5).to(dtype)
+    opt = GrassOptimizer(model, GrassConfig(**base), lr=1e-2, weight_decay=0.01)
+    if split is None:
+        return model, opt, train(model, opt, data)
+    log = train(model, opt, data[:split])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    model2 = make_tiny_llama(num_layers=5).to(dtype)
+    model2.load_state_dict(ckpt["model"])
+    base["offload"] = offload if load_offload is None else load_offload
+    opt2 = GrassOptimizer(model2, GrassConfig(**base), lr=1e-2, weight_decay=0.01)
+    opt2.load_state_dict(ckpt["opt"])
+    return model2, opt2, log + train(model2, opt2, data[split:])
+
+
+@pytest.mark.parametrize(
+    "precision",
+    [
+        dict(),
+        dict(dtype=torch.bfloat16),
+        dict(dtype=torch.bfloat16, fp32_optimizer_states=True),
+        dict(dtype=torch.bfloat16, fp32_optimizer_states=True, fp32_master_weights=True),
+    ],
+    ids=["fp32", "bf16", "bf16+fp32-states", "bf16+fp32-master"],
+)
+def test_offload_equals_in_memory_bit_for_bit(precision):
+    m_mem, o_mem, log_mem = _run(False, **precision)
+    m_off, o_off, log_off = _run(True, **precision)
+    assert o_mem.offloader is None and o_off.offloader is not None
+    assert log_mem == log_off and len({tuple(a) for a in log_off}) > 2  # several layer switches
+    assert_models_equal(m_mem, m_off)
+    sd_mem, sd_off = o_mem.state_dict(), o_off.state_dict()
+    assert sd_mem["state"].keys() == sd_off["state"].keys()
+    for idx, st in sd_mem["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, sd_off["state"][idx][key]), (idx, key)
+            assert value.dtype == sd_off["state"][idx][key].dtype
+
+
+def test_offload_keeps_at_most_two_units_on_device():
+    _model, opt, _ = _run(True, steps=12, active_layers=4)
+    off = opt.offloader
+    largest = max(off.unit_nbytes(u) for u in off.units())
+    assert 0 < off.device_bytes() <= 2 * largest
+    assert off.host_bytes() >= 5 * off.unit_nbytes("layer.0")  # every layer that trained is in host memory
+
+
+@pytest.mark.parametrize(("save_offload", "load_offload"), [(True, True), (True, False), (False, True)])
+def test_resume_with_offloaded_states(save_offload, load_offload):
+    m_full, _o_full, log_full = _run(save_offload, steps=14)
+    m_res, _o_res, log_res = _run(save_offload, steps=14, split=8, load_offload=load_offload)
+    assert log_res == log_full
+    assert_models_equal(m_res, m_full)
+
+
+def test_fp32_master_precision_and_state_dtypes():
+    _model, opt, _ = _run(
+        True, steps=8, dtype=torch.bfloat16, fp32_optimizer_states=True, fp32_master_weights=True
+    )
+    states = [st for st in opt.state_dict()["state"].values() if "exp_avg" in st]
+    assert states and all(
+        st["exp_avg"].dtype == torch.float32 and st["master"].dtype == torch.float32 for st in states
+    )
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for idx, st in opt.state_dict()["state"].items():
+        if "master" in st:
+            assert torch.equal(st["master"].to(torch.bfloat16), params[idx].detach())
+
+
+def test_reset_with_offload_matches_in_memory():
+    m_mem, _, log_mem = _run(False, steps=16, on_reactivation="reset", active_layers=1, period=2)
+    m_off, _, log_off = _run(True, steps=16, on_reactivation="reset", active_layers=1, period=2)
+    assert log_mem == log_off
+    assert_models_equal(m_mem, m_off)

@@ -126,6 +126,18 @@ class GrassConfig:
             "with offload) and copy it into the low-precision weight after each update."
         },
     )
+    step_in_backward: bool = field(
+        default=False,
+        metadata={
+            "help": "Update each trained unit (layer, embeddings, norm, head) from a gradient-ready hook as "
+            "soon as backward has produced all its gradients, and free them at once: the update (and, with "
+            "offload, its state transfers) overlaps the rest of backward and at most one unit's gradients "
+            "are alive. step() then only does the bookkeeping. Same numbers as stepping after backward. "
+            "With gradient accumulation, run every micro-batch's backward but the last under "
+            "optimizer.no_sync(). Cannot be combined with max_grad_norm (clipping needs every gradient "
+            "before any update)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the layer-sampling generator."})
 
     def __post_init__(self) -> None:
@@ -169,9 +181,15 @@ class GrassConfig:
             "overlap",
             "fp32_optimizer_states",
             "fp32_master_weights",
+            "step_in_backward",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; allowed: true or false")
+        if self.step_in_backward and self.max_grad_norm is not None:
+            raise ConfigError(
+                f"step_in_backward=True cannot be combined with max_grad_norm={self.max_grad_norm!r}: clipping "
+                "needs the norm of every gradient before the first update; allowed: max_grad_norm=None"
+            )
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -46,6 +46,12 @@ class ImportanceTracker:
 
     def observe_grads(self, grads: Mapping[int, Sequence[torch.Tensor]], scale: float = 1.0) -> None:
         """Observe the step's gradients of the given layers with one fused norm over all tensors."""
+        self.add_grads(grads)
+        self.observe_step(list(grads), scale=scale)
+
+    def add_grads(self, grads: Mapping[int, Sequence[torch.Tensor]]) -> None:
+        """Add the squared norms of the given layers' gradients to the current step (one fused norm);
+        ``observe_step`` turns them into observations."""
         flat: list[torch.Tensor] = []
         index: list[int] = []
         for layer, gs in grads.items():
@@ -64,7 +70,6 @@ class ImportanceTracker:
             sumsq = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
             sumsq.index_add_(0, idx, norms.square())
             self._step_sumsq.add_(sumsq.to(self.device, non_blocking=True))
-        self.observe_step(list(grads), scale=scale)
 
     def observe_step(self, layers: Sequence[int], scale: float = 1.0) -> None:
         """Turn the current step's squared norms of ``layers`` into MGN observations and reset them.

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -136,6 +136,22 @@ class GrassOptimizer(torch.optim.Optimizer):
         self.dist = resolve_distributed(distributed, model)
         if self.dist is not None:
             self.dist.attach(self)
+        self._accumulating = False  # inside no_sync(): a non-final micro-batch
+        self._sib_ready: dict[int, int] = {}  # param-group index -> gradients ready in this backward
+        self._sib_stepped: set[int] = set()  # param-group indices updated in backward since step()
+        self._sib_handles: list[Any] = []
+        if cfg.step_in_backward:
+            if self.dist is not None:
+                raise ValueError(
+                    "step_in_backward=True is not supported with data-parallel sync (the update would run "
+                    "before the gradient all-reduce); set step_in_backward=False or distributed=False"
+                )
+            for gi, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    if id(p) not in self._user_frozen:
+                        self._sib_handles.append(
+                            p.register_post_accumulate_grad_hook(self._make_sib_hook(gi))
+                        )
         if cfg.probe_steps > 0:
             self._start_probe()
         else:
@@ -170,10 +186,18 @@ class GrassOptimizer(torch.optim.Optimizer):
         """The parameters stepped now: active layers plus the always-trained groups."""
         return [p for g in self._trained_groups() for p in g["params"] if id(p) not in self._user_frozen]
 
-    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
         """Context for the backward passes of all micro-batches but the last: no gradient all-reduce
-        (a no-op on one process)."""
-        return self.dist.no_sync() if self.dist is not None else contextlib.nullcontext()
+        across ranks, and no update from the backward hooks with ``step_in_backward`` (on one process
+        without ``step_in_backward`` it changes nothing)."""
+        previous = self._accumulating
+        self._accumulating = True
+        try:
+            with self.dist.no_sync() if self.dist is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self._accumulating = previous
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -217,13 +241,15 @@ class GrassOptimizer(torch.optim.Optimizer):
     def _train_step(self) -> None:
         if self.dist is not None:
             self.dist.reduce_gradients(self._trained_groups())  # every rank now holds the mean gradients
+        # layers updated in backward (step_in_backward) had their squared norms added there already
+        done = {self.param_groups[gi]["layer"] for gi in self._sib_stepped} - {None}
         grads: dict[int, list[torch.Tensor]] = {}
         for layer in self._active:
             gs = [p.grad for p in self.groups.block_params[layer] if p.grad is not None]
-            if gs:
+            if gs and layer not in done:
                 grads[layer] = gs
-        if len(grads) < len(self._active) and not self._warned_no_grad:
-            missing = sorted(set(self._active) - set(grads))
+        if len(grads) + len(done) < len(self._active) and not self._warned_no_grad:
+            missing = sorted(set(self._active) - set(grads) - done)
             warnings.warn(
                 f"active layers {missing} received no gradient this step (was backward called? with gradient "
                 "checkpointing use use_reentrant=False, or grass_llm.enable_gradient_checkpointing)",
@@ -231,7 +257,11 @@ class GrassOptimizer(torch.optim.Optimizer):
                 stacklevel=3,
             )
             self._warned_no_grad = True
-        self.importance_tracker.observe_grads(grads)
+        if done:
+            self.importance_tracker.add_grads(grads)
+            self.importance_tracker.observe_step(sorted(done | set(grads)))
+        else:
+            self.importance_tracker.observe_grads(grads)
         if self.config.max_grad_norm is not None:
             self.clip_grad_norm_(self.config.max_grad_norm)
         trained = [g for g in self._trained_groups() if any(p.grad is not None for p in g["params"])]
@@ -241,6 +271,12 @@ class GrassOptimizer(torch.optim.Optimizer):
         self.period_pos += 1
         if self.period_pos == self.config.period:
             self._resample()
+        self._sib_ready, self._sib_stepped = {}, set()
+        if self._sib_handles and self._offloader is not None:
+            # the first unit the next backward completes: its state's copy-in overlaps the forward
+            order = self._backward_order()
+            if order:
+                self._offloader.prefetch(order[0]["unit"])
 
     def _step_groups(self, groups: list[dict[str, Any]]) -> None:
         """AdamW on each group in turn. With offload, a group's state is staged on the device just for
@@ -334,6 +370,59 @@ class GrassOptimizer(torch.optim.Optimizer):
         if targets is not params:
             for p, t in zip(params, targets):
                 p.copy_(t)
+
+    # ------------------------------------------------------------------------------------------
+    # step_in_backward: each trained unit is updated from a gradient-ready hook
+    def _make_sib_hook(self, gi: int) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if self.probing or self._accumulating:
+                return
+            group = self.param_groups[gi]
+            if gi in self._sib_stepped:
+                raise RuntimeError(
+                    f"step_in_backward: a second backward pass reached {group['unit']!r} before step(); with "
+                    "gradient accumulation run every micro-batch but the last under optimizer.no_sync()"
+                )
+            n = self._sib_ready.get(gi, 0) + 1
+            self._sib_ready[gi] = n
+            # invariant: the unit's trainable parameters are exactly those with requires_grad (set by
+            # _set_requires_grad), and each one's hook fires once per backward pass
+            if n == sum(q.requires_grad for q in group["params"] if id(q) not in self._user_frozen):
+                self._step_unit_in_backward(gi)
+
+        return hook
+
+    def _backward_order(self) -> list[dict[str, Any]]:
+        """The trained units in the order backward usually completes them: head, norm, the active
+        layers from the top down, embeddings. Only used to choose what to prefetch."""
+        trained = list(self._trained_groups())
+        rank = {"head": -2, "norm": -1, "embeddings": self.num_layers}
+        return sorted(
+            trained, key=lambda g: rank[g["unit"]] if g["layer"] is None else self.num_layers - 1 - g["layer"]
+        )
+
+    @torch.no_grad()
+    def _step_unit_in_backward(self, gi: int) -> None:
+        group = self.param_groups[gi]
+        if group["layer"] is not None:
+            layer = group["layer"]
+            self.importance_tracker.add_grads(
+                {layer: [q.grad for q in self.groups.block_params[layer] if q.grad is not None]}
+            )
+        off = self._offloader
+        staged = None
+        if off is not None:
+            staged = off.acquire(group["unit"])
+            done = {self.param_groups[k]["unit"] for k in self._sib_stepped} | {group["unit"]}
+            later = [g for g in self._backward_order() if g["unit"] not in done]
+            if later:
+                off.prefetch(later[0]["unit"])  # its copy-in overlaps this update and the backward below
+        self._adamw_group(group, staged)
+        if off is not None:
+            off.release(group["unit"])
+        for q in group["params"]:
+            q.grad = None  # invariant: queued kernels keep the memory alive (caching allocator, same stream)
+        self._sib_stepped.add(gi)
 
     def _make_offloader(self, device: torch.device):
         """A LayerStateOffloader with one unit per param group, or None when offload is off."""
@@ -525,6 +614,7 @@ class GrassOptimizer(torch.optim.Optimizer):
             self._offloader.load_state_dict({"units": self._fill_units(offloaded)})
         if self.dist is not None:
             self.dist.drop_unowned_states()  # ZeRO-1 on this world size; any world size can load
+        self._sib_ready, self._sib_stepped = {}, set()
         self.importance_tracker.load_state_dict(grass["importance"])
         self.sampler.load_state_dict(grass["sampler"])
         self.global_step = int(grass["global_step"])

@@ -161,3 +161,53 @@ def test_factory_needs_training_steps_for_decaying_schedules():
         model, grass_config=GrassConfig(active_layers=1), lr_scheduler_type="constant", learning_rate=0.1
     )
     assert opt.param_groups[0]["lr"] == 0.1 and sched.get_last_lr()[0] == 0.1
+
+
+def test_trl_sft_trainer_takes_the_grass_optimizer(tmp_path):
+    """TRL's SFTTrainer accepts the same (optimizer, scheduler) pair: after probing, exactly the drawn
+    layers change and nothing else."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from grass_llm.data import builtin_sample, builtin_tokenizer, format_prompt
+
+    tokenizer = builtin_tokenizer()
+    texts = [format_prompt(r) + r["output"] for r in builtin_sample(16)]
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=6,
+        max_grad_norm=0.0,
+        max_length=64,
+        disable_tqdm=True,
+        dataset_text_field="text",
+        seed=0,
+    )
+    cfg = GrassConfig(active_layers=2, period=10, probe_steps=2, seed=0)
+    opt, sched = create_grass_optimizer_and_scheduler(model, args, grass_config=cfg)
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+        optimizers=(opt, sched),
+    )
+    trainer.train()
+    assert opt.global_step == 6 and len(opt.active_layers) == 2
+    changed = {n.split(".")[2] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {str(i) for i in opt.active_layers}

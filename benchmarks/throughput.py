@@ -14,8 +14,13 @@ Every method gets its own copy of the same randomly initialised model and sees t
 (random token ids). All methods live in ONE process and are timed in alternation: each repetition
 runs a window of ``--window`` optimizer steps of every method, in an order rotated from one
 repetition to the next; the first ``--warmup`` windows of each method are discarded (allocator
-warm-up, AdamW state creation, GRASS probing). A step is forward + backward + optimizer step +
-zero_grad, with a device synchronisation around each window. We report the median step time over
+warm-up, AdamW state creation, GRASS probing, which lasts exactly the first window). A step is forward + backward + optimizer step +
+zero_grad, with a device synchronisation around each window. GRASS's and LISA's sampling period
+Ts is set to the window length, so each timed window is one period with its own layer draw and the
+median covers several draws (with the paper's Ts = 25 a short run would time one or two draws, and
+the depth of backward, set by the lowest active layer, would dominate); per-period costs (the MGN
+host transfer, the draw, first-use AdamW state creation) are then counted more often than with
+Ts = 25, which can only lower GRASS's numbers. We report the median step time over
 the repetitions and tokens/s = batch * seq / median step time, as ratios to FFT and to LoRA r128.
 
 Overhead (Table 8 layout), in a second phase with three more copies, also interleaved:
@@ -137,7 +142,15 @@ def build_main_runners(args, shape: Shape, base, batches, device) -> list[Runner
     for name, method, kw in specs:
         model = copy.deepcopy(base)
         model, opt = make_method(
-            method, model, lr=1e-5, active_layers=2, period=25, probe_steps=args.warmup_probe, seed=0, **kw
+            method,
+            model,
+            lr=1e-5,
+            active_layers=2,
+            period=args.window_steps,
+            lisa_period=args.window_steps,
+            probe_steps=args.warmup_probe,
+            seed=0,
+            **kw,
         )
         if method == "lora":
             # adapters in the model dtype (bf16 in the GPU setting); make_method casts them
@@ -154,7 +167,12 @@ def build_overhead_runners(args, base, batches, device) -> tuple[list[Runner], d
     def grass_copy(probe: int):
         model = copy.deepcopy(base)
         cfg = GrassConfig(
-            active_layers=2, period=25, probe_steps=probe, policy="uniform", seed=0, offload=False
+            active_layers=2,
+            period=args.window_steps,
+            probe_steps=probe,
+            policy="uniform",
+            seed=0,
+            offload=False,
         )
         return model, GrassOptimizer(model, cfg, lr=1e-5)
 
@@ -204,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=None, help="timed windows per method (default 6 CPU, 10 CUDA)"
     )
     p.add_argument("--window", type=int, default=None, help="steps per window (default 3 CPU, 10 CUDA)")
-    p.add_argument("--warmup", type=int, default=1, help="discarded windows per method")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="discarded windows per method (the first one is GRASS's probing)",
+    )
     p.add_argument("--total-steps", type=int, default=3750, help="run length T for the Table 8 shares")
     p.add_argument("--probe-steps", type=int, default=150, help="Tp for the Table 8 shares")
     p.add_argument(
@@ -233,9 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     bs = 2 if args.smoke else args.batch_size
     repeats = 1 if args.smoke else args.repeats or (10 if on_gpu else 6)
     window = 1 if args.smoke else args.window or (10 if on_gpu else 3)
-    args.warmup_probe = 2  # GRASS probing steps consumed inside the warm-up window(s)
-    if not args.smoke and args.warmup * window < args.warmup_probe + 1:
-        print("error: the warm-up must cover GRASS's 2 probing steps", file=sys.stderr)
+    # GRASS probes for exactly one (warm-up) window, and Ts = LISA's Ts = the window length, so every
+    # timed window is one sampling period with a fresh layer draw
+    args.window_steps = window
+    args.warmup_probe = window
+    if args.warmup < 2:
+        print("error: --warmup must be >= 2 (one window of GRASS probing, one of training)", file=sys.stderr)
         return 2
     tokens = bs * seq
     hw = hardware(device)
@@ -316,7 +342,8 @@ def render(res: dict[str, Any]) -> str:
         f"Model: {res['model']} ({res['params'] / 1e6:.1f}M parameters, random init), {res['dtype']}, "
         f"batch {res['batch_size']} x sequence {res['seq_len']} = {res['batch_size'] * res['seq_len']} tokens/step.",
         f"Timing: all methods in one process, {res['warmup_windows']} warm-up window(s) discarded, then "
-        f"{res['repeats']} windows of {res['window_steps']} steps per method in rotated order; median over windows.",
+        f"{res['repeats']} windows of {res['window_steps']} steps per method in rotated order; median over windows. "
+        f"GRASS / LISA Ts = {res['window_steps']} (one fresh layer draw per window).",
         "",
     ]
     if not on_gpu:

@@ -93,6 +93,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="Table 4 only, no sequence-length sweep")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="keep Table 4 from memory.json and run only the sequence-length sweep",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rebuild memory.md and the plot from memory.json, run nothing",
@@ -109,7 +114,11 @@ def main(argv=None) -> int:
 
     table: list[dict] = []
     md_tables = []
-    for name, cfg in cfgs.items():
+    if args.sweep_only:
+        old_command, old_elapsed, table, md_tables = _load_table4(args.out)
+        command = f"{old_command} && {command}"
+        started -= old_elapsed  # the reported wall time covers both runs
+    for name, cfg in ({} if args.sweep_only else cfgs).items():
         estimates, paper = [], {}
         for (method, kw, label), ref in zip(METHODS, PAPER_TABLE4[name]):
             t0 = time.time()
@@ -147,6 +156,17 @@ def main(argv=None) -> int:
 
 def _rebuild(out: Path) -> int:
     """Rebuild the report from ``memory.json`` (keeps the header of the run that produced it)."""
+    data = json.loads((out / "memory.json").read_text())
+    command, elapsed, table, md_tables = _load_table4(out)
+    old = (out / "memory.md").read_text().splitlines()
+    date = next(ln for ln in old if ln.startswith("- date:")).split("- date: ")[1].split(";")[0]
+    _write(out, command, md_tables, table, data["seqlen_sweep"], elapsed, date=date)
+    print(f"rebuilt {out / 'memory.md'}")
+    return 0
+
+
+def _load_table4(out: Path) -> tuple[str, float, list[dict], list[str]]:
+    """(command, wall time, rows, Markdown tables) of the Table 4 run recorded in ``out``."""
     import dataclasses
 
     from grass_llm.memory import MemoryEstimate
@@ -163,18 +183,16 @@ def _rebuild(out: Path) -> int:
             ests = [MemoryEstimate(**{k: v for k, v in r.items() if k in names}) for r in rows]
             paper = {e.label: r["paper_gb"] for e, r in zip(ests, rows)}
             md_tables.append(f"### {model}\n\n" + format_table(ests, paper=paper))
-    _write(out, command, md_tables, data["table4"], data["seqlen_sweep"], elapsed)
-    print(f"rebuilt {out / 'memory.md'}")
-    return 0
+    return command, elapsed, data["table4"], md_tables
 
 
-def _write(out: Path, command: str, md_tables, table, sweep, elapsed: float) -> None:
+def _write(out: Path, command: str, md_tables, table, sweep, elapsed: float, date: str | None = None) -> None:
     """Write the results so far (the run is long: a partial run still leaves its rows)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.json").write_text(json.dumps({"table4": table, "seqlen_sweep": sweep}, indent=2) + "\n")
     if sweep:
         _plot(sweep, out / "memory_seqlen.png")
-    (out / "memory.md").write_text(_report(command, md_tables, table, sweep, elapsed))
+    (out / "memory.md").write_text(_report(command, md_tables, table, sweep, elapsed, date))
 
 
 def _plot(sweep: list[dict], path: Path) -> None:
@@ -203,8 +221,10 @@ def _gib(x: int) -> str:
     return f"{x / 2**30:.2f}"
 
 
-def _report(command: str, md_tables: list[str], table: list[dict], sweep: list[dict], elapsed: float) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def _report(
+    command: str, md_tables: list[str], table: list[dict], sweep: list[dict], elapsed: float, date: str | None
+) -> str:
+    now = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
     lines = [
         "# Peak device memory of one training step (paper Table 4, Figure 4 right)",

@@ -149,8 +149,13 @@ def cli_main(args: argparse.Namespace) -> int:
     except (TrainInputError, TrainConfigError) as e:
         print(f"grass-llm train: error: {e}", file=sys.stderr)
         return 2
-    _print_summary(result)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(result)
     return 0
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """``print`` for ranks other than 0 under torchrun."""
 
 
 def _print_summary(r: TrainResult) -> None:
@@ -307,16 +312,26 @@ def _wrap_lora(cfg: TrainConfig, model, dtype):
     return model
 
 
-def _build_optimizer(cfg: TrainConfig, model):
+def _build_optimizer(cfg: TrainConfig, model, launch):
     import torch
 
     if cfg.layer_wise:
         from grass_llm.config import ConfigError
         from grass_llm.optim import GrassOptimizer
 
+        sync = None  # GrassOptimizer's own data-parallel sync (no DDP): active layers only
+        if launch.distributed:
+            from grass_llm.distributed import GrassDistributed
+
+            shard = cfg.grass.shard_optimizer_states and cfg.method != "lisa"
+            sync = GrassDistributed(shard_optimizer_states=shard)
         try:
             return GrassOptimizer(
-                model, cfg.grass_config(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+                model,
+                cfg.grass_config(),
+                lr=cfg.learning_rate,
+                weight_decay=cfg.weight_decay,
+                distributed=sync,
             )
         except ConfigError as e:
             section = "lisa" if cfg.method == "lisa" else "grass"
@@ -595,11 +610,28 @@ def _fmt_bytes(n: int | None) -> str:
 # the recipe
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the training job described by ``cfg``. Bad input raises ``TrainInputError`` before training."""
-    import torch
 
     t_start = time.perf_counter()
     data_file = _check_inputs(cfg)
     device = _resolve_device(cfg)
+    from grass_llm.launch import from_env
+
+    launch, device = from_env(device)  # torchrun / accelerate: one process per device
+    try:
+        return _run(cfg, launch, device, data_file, t_start)
+    finally:
+        launch.close()
+
+
+def _run(cfg: TrainConfig, launch, device, data_file: Path | None, t_start: float) -> TrainResult:
+    import torch
+
+    say = print if launch.is_main else _quiet
+    if cfg.batch_size % launch.world_size:
+        raise TrainInputError(
+            f"batch_size={cfg.batch_size} is the micro-batch over all {launch.world_size} processes and must be "
+            f"divisible by their number; allowed: a multiple of {launch.world_size}"
+        )
     dtype = _resolve_dtype(cfg, device)
     run_dir = cfg.run_dir
 
@@ -609,7 +641,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.resume == "auto":
             resume_path = find_latest_checkpoint(run_dir)
             if resume_path is None:
-                print(f"resume=auto: no checkpoint in {run_dir / CHECKPOINT_DIR}; starting from scratch")
+                say(f"resume=auto: no checkpoint in {run_dir / CHECKPOINT_DIR}; starting from scratch")
         else:
             resume_path = Path(cfg.resume).expanduser()
             if not resume_path.is_dir():
@@ -638,7 +670,15 @@ def train(cfg: TrainConfig) -> TrainResult:
             enable_gradient_checkpointing(base)
         except TypeError as e:
             raise TrainInputError(f"gradient_checkpointing=true: {e}") from None
-    optimizer = _build_optimizer(cfg, model)
+    optimizer = _build_optimizer(cfg, model, launch)
+    fwd = model  # what the loop calls: the model, or its DDP wrapper (fft / lora / dora on several ranks)
+    if launch.distributed and not cfg.layer_wise:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # all micro-batches but the last run without gradient all-reduce (GrassOptimizer: and without the
+    # step_in_backward update)
+    no_sync = optimizer.no_sync if cfg.layer_wise else getattr(fwd, "no_sync", contextlib.nullcontext)
 
     micro_per_epoch = len(loader)
     steps_per_epoch = max(micro_per_epoch // cfg.grad_accum, 1)
@@ -673,29 +713,35 @@ def train(cfg: TrainConfig) -> TrainResult:
         step = int(ckpt["state"]["step"])
         tokens_seen = int(ckpt["state"]["tokens_seen"])
         _set_rng_state(ckpt["state"]["rng"], device)
-        print(f"resumed from {resume_path} at step {step}")
+        say(f"resumed from {resume_path} at step {step}")
     else:
         stale = run_dir / CHECKPOINT_DIR
-        if stale.is_dir() and any(stale.iterdir()):
-            print(
+        if launch.is_main and stale.is_dir() and any(stale.iterdir()):
+            say(
                 f"starting from scratch in {run_dir}: replacing its old checkpoints (use --resume to continue)"
             )
             shutil.rmtree(stale)
+        launch.barrier()  # invariant: no rank looks for checkpoints while rank 0 removes them
     del ckpt
 
     from grass_llm.runlog import RunLogger
 
-    logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, resume_from=step)
+    logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, resume_from=step) if launch.is_main else None
     layer_wise = cfg.layer_wise
     all_layers = list(range(num_layers))
     trainable = [p for p in model.parameters() if p.requires_grad] if not layer_wise else []
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(
+    say(
         f"grass-llm train: {cfg.method} on {cfg.model} ({num_layers} layers, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {dtype}, {device}); "
         f"data {cfg.data}: {micro_per_epoch} batches of {cfg.batch_size}/epoch; {total_steps} steps"
         + (f" ({probe} probing)" if probe else "")
         + ("" if layer_wise else f"; {n_trainable / 1e6:.2f}M trainable")
+        + (
+            f"; {launch.world_size} processes x {cfg.batch_size // launch.world_size} rows"
+            if launch.distributed
+            else ""
+        )
     )
 
     from tqdm.auto import tqdm
@@ -704,24 +750,38 @@ def train(cfg: TrainConfig) -> TrainResult:
     last_loss: float | None = None
     last_ckpt: Path | None = find_latest_checkpoint(run_dir) if step else None
     end = total_steps if cfg.stop_at_step is None else min(cfg.stop_at_step, total_steps)
-    pbar = tqdm(total=total_steps, initial=step, desc=cfg.method, dynamic_ncols=True, file=sys.stderr)
+    pbar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=cfg.method,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not launch.is_main,
+    )
     try:
         while step < end:
             t0 = time.perf_counter()
-            micro = [batches.next() for _ in range(cfg.grad_accum)]
-            # token-weighted loss over the whole step: every micro-batch's summed loss / all label tokens
+            micro = [launch.shard(batches.next()) for _ in range(cfg.grad_accum)]
+            # token-weighted loss over the whole step: every micro-batch's summed loss / all label tokens.
+            # With N ranks the gradient all-reduce takes the mean, so each rank divides by (tokens of all
+            # ranks) / N: the mean of the ranks' gradients is then the gradient of the global token mean.
             n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            n_items_t = torch.tensor(max(n_items, 1), device=device)
+            if launch.distributed:
+                n_all = launch.sum(n_items, device)
+                n_items_t = torch.tensor(max(n_all, 1.0) / launch.world_size, device=device)
+            else:
+                n_items_t = torch.tensor(max(n_items, 1), device=device)
             phase = "probe" if layer_wise and optimizer.probing else "train"
             active = optimizer.active_layers if layer_wise else all_layers
             lr = optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), device=device, dtype=torch.float32)
             tokens = 0
-            for b in micro:
+            for i, b in enumerate(micro):
                 b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
                 tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                out = model(**b, num_items_in_batch=n_items_t)
-                out.loss.backward()
+                with no_sync() if i + 1 < len(micro) else contextlib.nullcontext():
+                    out = fwd(**b, num_items_in_batch=n_items_t)
+                    out.loss.backward()
                 loss_sum += out.loss.detach().float()
             if not layer_wise and cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -731,7 +791,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             step += 1
             tokens_seen += tokens
 
-            loss = float(loss_sum)
+            loss = launch.sum(float(loss_sum), device) / launch.world_size  # the global token mean
+            tokens = int(launch.sum(tokens, device))
             last_loss = loss
             dt = time.perf_counter() - t0
             cuda_mem, rss = _memory(device)
@@ -750,7 +811,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             if layer_wise:
                 record["importance"] = optimizer.importance
                 record["probabilities"] = optimizer.probabilities
-            logger.log(record)
+            if logger is not None:
+                logger.log(record)
             pbar.update(1)
             pbar.set_postfix(
                 loss=f"{loss:.3f}",
@@ -761,19 +823,23 @@ def train(cfg: TrainConfig) -> TrainResult:
             )
             if cfg.save_every and step % cfg.save_every == 0 and step < end:
                 last_ckpt = _checkpoint(
-                    run_dir, step, tokens_seen, cfg, model, optimizer, scheduler, batches, device
+                    run_dir, step, tokens_seen, cfg, model, optimizer, scheduler, batches, device, launch
                 )
     finally:
         pbar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
 
     if last_ckpt is None or last_ckpt.name != f"{_STEP_PREFIX}{step:06d}":
-        last_ckpt = _checkpoint(run_dir, step, tokens_seen, cfg, model, optimizer, scheduler, batches, device)
-    if step < total_steps:  # stop_at_step: the run goes on after --resume
-        final_dir, final_kind = None, f"not written: stopped at step {step} of {total_steps}"
-    else:
-        final_dir, final_kind = _save_final(cfg, model, tokenizer, run_dir)
-    plots = _plots(run_dir) if cfg.plots else []
+        last_ckpt = _checkpoint(
+            run_dir, step, tokens_seen, cfg, model, optimizer, scheduler, batches, device, launch
+        )
+    final_dir, final_kind, plots = None, f"not written: stopped at step {step} of {total_steps}", []
+    if launch.is_main:  # every rank holds the same weights; rank 0 writes them
+        if step == total_steps:  # (stop_at_step: the run goes on after --resume)
+            final_dir, final_kind = _save_final(cfg, model, tokenizer, run_dir)
+        plots = _plots(run_dir) if cfg.plots else []
+    launch.barrier()
     return TrainResult(
         run_dir=run_dir,
         steps=step,
@@ -782,13 +848,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         checkpoint=last_ckpt,
         final_dir=final_dir,
         final_kind=final_kind,
-        log_path=logger.path,
+        log_path=run_dir / "log.jsonl",
         plots=plots,
         seconds=time.perf_counter() - t_start,
     )
 
 
-def _checkpoint(run_dir, step, tokens_seen, cfg, model, optimizer, scheduler, batches, device) -> Path:
+def _checkpoint(
+    run_dir, step, tokens_seen, cfg, model, optimizer, scheduler, batches, device, launch
+) -> Path:
+    """Save a checkpoint from rank 0 (every rank builds the payload: with ZeRO-1 sharding the optimizer's
+    ``state_dict()`` is a collective). Returns its path on every rank once it is complete."""
     state = {
         "version": _STATE_VERSION,
         "step": step,
@@ -799,7 +869,11 @@ def _checkpoint(run_dir, step, tokens_seen, cfg, model, optimizer, scheduler, ba
         "config": cfg.to_dict(),
     }
     payload = {"model": _model_state(cfg, model), "optimizer": optimizer.state_dict(), "state": state}
-    return _save_checkpoint(run_dir, step, payload, cfg)
+    path = run_dir / CHECKPOINT_DIR / f"{_STEP_PREFIX}{step:06d}"
+    if launch.is_main:
+        path = _save_checkpoint(run_dir, step, payload, cfg)
+    launch.barrier()  # invariant: no rank goes on (or exits) before the checkpoint is complete
+    return path
 
 
 def _save_final(cfg: TrainConfig, model, tokenizer, run_dir: Path) -> tuple[Path, str]:

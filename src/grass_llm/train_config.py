@@ -68,6 +68,29 @@ class GrassSection:
             "Layer-wise optimizer-state offloading to host memory: auto (on for CUDA), true, false."
         ),
     )
+    overlap: bool = field(
+        default=True,
+        metadata=_help("With offload on CUDA: state copies on a side stream, next layer prefetched."),
+    )
+    fp32_optimizer_states: bool = field(
+        default=False, metadata=_help("fp32 AdamW moments for bf16 weights (host memory with offload).")
+    )
+    fp32_master_weights: bool = field(
+        default=False, metadata=_help("fp32 master copy of the trained weights (host memory with offload).")
+    )
+    step_in_backward: bool = field(
+        default=False,
+        metadata=_help(
+            "Update each trained layer from a gradient-ready hook during backward (needs max_grad_norm=null)."
+        ),
+    )
+    shard_optimizer_states: bool = field(
+        default=False,
+        metadata=_help(
+            "Under torchrun with several processes: each rank keeps the AdamW states of a share of the "
+            "layers (ZeRO-1) and broadcasts their updated weights."
+        ),
+    )
 
 
 @dataclass
@@ -137,7 +160,13 @@ class TrainConfig:
     group_by_length: bool = field(
         default=False, metadata=_help("Batch examples of similar length together (less padding).")
     )
-    batch_size: int = field(default=8, metadata=_help("Examples (rows) per micro-batch."))
+    batch_size: int = field(
+        default=8,
+        metadata=_help(
+            "Examples (rows) per micro-batch, over all processes: under torchrun each of N ranks takes "
+            "batch_size / N of them, so the same config trains the same way on any number of GPUs."
+        ),
+    )
     grad_accum: int = field(
         default=1, metadata=_help("Micro-batches per optimizer step (effective batch = batch_size * this).")
     )
@@ -242,6 +271,10 @@ class TrainConfig:
             train_norm=g.train_norm,
             max_grad_norm=clip,
             offload=g.offload,
+            overlap=g.overlap,
+            fp32_optimizer_states=g.fp32_optimizer_states,
+            fp32_master_weights=g.fp32_master_weights,
+            step_in_backward=g.step_in_backward,
             seed=self.seed,
         )
 
@@ -292,7 +325,16 @@ class TrainConfig:
         _positive("grass.ema", g.ema)
         if g.ema > 1:
             raise TrainConfigError(f"grass.ema={g.ema!r} is invalid; allowed: a float in (0, 1]")
-        for name in ("train_embeddings", "train_head", "train_norm"):
+        for name in (
+            "train_embeddings",
+            "train_head",
+            "train_norm",
+            "overlap",
+            "fp32_optimizer_states",
+            "fp32_master_weights",
+            "step_in_backward",
+            "shard_optimizer_states",
+        ):
             _bool(f"grass.{name}", getattr(g, name))
         if not (g.offload == "auto" or isinstance(g.offload, bool)):
             raise TrainConfigError(f"grass.offload={g.offload!r} is invalid; allowed: auto, true, false")

@@ -1,0 +1,177 @@
+"""`grass-llm train` under torchrun: 2 CPU ranks (gloo) equal one process, checkpoints are written once
+and resume on another world size, and a killed rank leaves the last checkpoint intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+pytestmark = pytest.mark.timeout(240)
+
+# 40 steps: 6 probing, then draws every 5 steps (7 periods), fp32. The ranks sum in another order, and AdamW
+# turns last-bit differences of near-zero gradients into visible ones (m / sqrt(v) of two tiny numbers), on
+# a handful of weights: the weights are compared to a tenth of one AdamW step (lr), while the losses and the
+# MGN (which, unlike AdamW, sees the gradient's scale) are compared tightly.
+COMMON = [
+    "max_steps=40",
+    "grass.probe_steps=6",
+    "grass.period=5",
+    "dtype=fp32",
+    "device=cpu",
+    "plots=false",
+    "tensorboard=false",
+    "lr=3e-3",
+]
+LR = 3e-3
+
+
+def _env(tag: str = "") -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GRASS_TEST_TAG": tag}
+
+
+def _torchrun(cwd: Path, args: list[str], tag: str = "") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.Popen(
+        [*cmd, "-m", "grass_llm", "train", *args],
+        cwd=cwd,
+        env=_env(tag),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _run(cwd: Path, args: list[str], ranks: int = 1) -> subprocess.CompletedProcess:
+    if ranks == 2:
+        proc = _torchrun(cwd, args)
+        out, err = proc.communicate(timeout=200)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return subprocess.run(
+        [sys.executable, "-m", "grass_llm", "train", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "final" / "model.safetensors")
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same GRASS job (ZeRO-1 sharding, accumulation) on 2 ranks and on one process."""
+    root = tmp_path_factory.mktemp("dist")
+    grass = [*COMMON, "grass.shard_optimizer_states=true", "save_every=10"]
+    two = _run(root, [*grass, "batch_size=8", "grad_accum=2", "out_dir=two"], ranks=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # one process, same rows per step: 2 ranks x 4 rows x 2 micro-batches == 1 x 4 rows x 4 micro-batches
+    one = _run(root, [*grass, "batch_size=4", "grad_accum=4", "out_dir=one"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    return root, two
+
+
+def test_two_ranks_equal_one_process(runs):
+    root, two = runs
+    log2, log1 = _log(root / "two"), _log(root / "one")
+    assert len(log2) == 40  # rank 0 alone wrote the log
+    assert [r["active_layers"] for r in log2] == [r["active_layers"] for r in log1]
+    assert len({tuple(r["active_layers"]) for r in log2}) > 2  # several draws
+    assert_close(torch.tensor([r["loss"] for r in log2]), torch.tensor([r["loss"] for r in log1]))
+    mgn2, mgn1 = (torch.tensor([r["importance"] for r in log]) for log in (log2, log1))
+    assert_close(mgn2, mgn1, rtol=1e-5, atol=0)
+    assert_close(_weights(root / "two"), _weights(root / "one"), rtol=0, atol=LR / 10)
+    ckpts = list((root / "two" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-000040"] and (ckpts[0] / "COMPLETE").is_file()
+    assert two.stdout.count("done: 40 steps") == 1  # the summary is printed once
+
+
+def test_fft_through_ddp_equals_one_process(tmp_path):
+    two = _run(tmp_path, [*COMMON, "method=fft", "batch_size=8", "out_dir=two", "save_every=0"], ranks=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _run(
+        tmp_path, [*COMMON, "method=fft", "batch_size=4", "grad_accum=2", "out_dir=one", "save_every=0"]
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert_close(_weights(tmp_path / "two"), _weights(tmp_path / "one"), rtol=0, atol=LR / 10)
+
+
+def test_checkpoint_of_two_ranks_resumes_on_one_process(runs, tmp_path):
+    root, _ = runs
+    grass = [*COMMON, "grass.shard_optimizer_states=true", "save_every=10", "batch_size=8", "grad_accum=2"]
+    first = _run(tmp_path, [*grass, "out_dir=r", "stop_at_step=20"], ranks=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "r" / "checkpoints" / "step-000020" / "COMPLETE").is_file()
+    rest = _run(tmp_path, [*grass, "out_dir=r", "--resume"])  # one process, the same config
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "resumed from" in rest.stdout
+    assert [r["active_layers"] for r in _log(tmp_path / "r")] == [
+        r["active_layers"] for r in _log(root / "two")
+    ]
+    assert_close(_weights(tmp_path / "r"), _weights(root / "two"), rtol=0, atol=LR / 10)
+
+
+def _pids_of_rank(tag: str, rank: int) -> list[int]:
+    """Processes started with GRASS_TEST_TAG=tag and RANK=rank (torchrun's workers)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"GRASS_TEST_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env:
+            found.append(int(d.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the rank")
+def test_killed_rank_leaves_last_checkpoint_intact(tmp_path):
+    tag = uuid.uuid4().hex
+    args = [*COMMON, "max_steps=2000", "save_every=5", "batch_size=8", "out_dir=k"]
+    proc = _torchrun(tmp_path, args, tag)
+    ckpts = tmp_path / "k" / "checkpoints"
+    deadline = time.time() + 150
+    while not (ckpts / "step-000010" / "COMPLETE").is_file():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint at step 10"
+        time.sleep(0.2)
+    victims = _pids_of_rank(tag, 1)
+    assert victims, "rank 1 not found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    done = sorted(d for d in ckpts.iterdir() if (d / "COMPLETE").is_file())
+    assert done, "no complete checkpoint left"
+    last = done[-1]
+    step = int(last.name.split("-")[1])
+    assert step >= 10
+    # the checkpoint loads and training goes on from it, on one process
+    rest = _run(tmp_path, [*args, f"stop_at_step={step + 5}", "--resume"])
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert f"resumed from {Path('k') / 'checkpoints' / last.name} at step {step}" in rest.stdout
+    assert (ckpts / f"step-{step + 5:06d}" / "COMPLETE").is_file()
+
+
+def test_batch_size_must_divide_among_ranks(tmp_path):
+    bad = _run(tmp_path, [*COMMON, "batch_size=3", "out_dir=x"], ranks=2)
+    assert bad.returncode != 0 and "batch_size=3" in bad.stderr and "multiple of 2" in bad.stderr

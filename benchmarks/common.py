@@ -53,6 +53,9 @@ def hardware(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git_commit": git_commit(),
+        "git_uncommitted": git_uncommitted(),
+        "niceness": _niceness(),
+        "load_avg_start": load_average(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -72,20 +75,66 @@ def git_commit() -> str:
         return "unknown"
 
 
+def git_uncommitted() -> list[str]:
+    """Tracked files under src/ and benchmarks/ (results excluded) that differ from HEAD during the run."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    paths = [ln[3:] for ln in out.stdout.splitlines() if len(ln) > 3]
+    return [p for p in paths if not p.startswith("benchmarks/results/")]
+
+
+def load_average() -> float | None:
+    """1-minute load average of the machine (other jobs included), or None where unavailable."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _niceness() -> int:
+    try:
+        return os.nice(0)
+    except (OSError, AttributeError):
+        return 0
+
+
 def command_line() -> str:
-    """The exact command that produced the results (relative script path, original arguments)."""
+    """The exact command that produced the results (relative script path, original arguments,
+    ``nice -n N`` prefix when the process ran at a lowered priority)."""
     script = Path(sys.argv[0])
     with contextlib.suppress(ValueError):
         script = script.resolve().relative_to(REPO_ROOT)
-    return " ".join(["python", shlex.quote(str(script)), *map(shlex.quote, sys.argv[1:])])
+    nice = _niceness()
+    prefix = [f"nice -n {nice}"] if nice > 0 else []
+    return " ".join([*prefix, "python", shlex.quote(str(script)), *map(shlex.quote, sys.argv[1:])])
 
 
 def hardware_lines(hw: dict[str, Any]) -> list[str]:
-    return [
+    git = f"git {hw['git_commit']}"
+    if hw.get("git_uncommitted"):
+        git += " + uncommitted changes in " + ", ".join(hw["git_uncommitted"])
+    lines = [
         f"- CPU: {hw['cpu']} ({hw['cpu_cores_visible']} cores visible, torch threads {hw['torch_threads']})",
         f"- GPU: {hw['gpu']}",
-        f"- torch {hw['torch']}, Python {hw['python']}, git {hw['git_commit']}, run {hw['date_utc']}",
+        f"- torch {hw['torch']}, Python {hw['python']}, {git}, run {hw['date_utc']}",
     ]
+    if hw.get("load_avg_start") is not None:
+        load = f"{hw['load_avg_start']:.2f} at start"
+        if hw.get("load_avg_end") is not None:
+            load += f", {hw['load_avg_end']:.2f} at end"
+        lines.append(
+            f"- machine load: 1-minute load average {load} on {hw['cpu_cores_visible']} cores (other jobs "
+            f"included); this process at niceness {hw.get('niceness', 0)}"
+        )
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from common import (
     hardware,
     hardware_lines,
     llama,
+    load_average,
     make_method,
     sync,
 )
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     interleave(over_runners, repeats, window, args.warmup)
     over = {r.name: r.summary(tokens) for r in over_runners}
     over["direct_mgn_s_per_step"] = direct["mgn_s"] / max(direct["mgn_steps"], 1)
+    hw["load_avg_end"] = load_average()
 
     result = {
         "command": command_line(),
@@ -346,6 +348,16 @@ def render(res: dict[str, Any]) -> str:
         f"GRASS / LISA Ts = {res['window_steps']} (one fresh layer draw per window).",
         "",
     ]
+    load = max(res["hardware"].get("load_avg_start") or 0.0, res["hardware"].get("load_avg_end") or 0.0)
+    if load - res["hardware"]["torch_threads"] >= 0.5:
+        lines += [
+            f"**The machine was shared**: other jobs kept it busy while this ran (load average up to {load:.2f} "
+            f"on {res['hardware']['cpu_cores_visible']} cores). Absolute step times are therefore noisier and "
+            "may be slower than on an idle machine; every method was timed in alternation (windows "
+            "interleaved side by side, order rotated), so all saw the same background load and the ratios "
+            "between methods are the numbers to read.",
+            "",
+        ]
     if not on_gpu:
         lines += [
             "**No GPU was available for this run.** These are CPU numbers for a small Llama-shaped model, not the",

@@ -160,3 +160,18 @@ def test_examples_run(script, tmp_path):
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_readme_torchrun_command_runs_on_two_cpu_processes(tmp_path):
+    """The README's torchrun line with 2 processes and the demo settings (the TinyLlama config needs a GPU)."""
+    line = next(b for b in _blocks("bash") if b.startswith("torchrun")).strip()
+    words = shlex.split(line)
+    assert words[words.index("--config") + 1] == "configs/tinyllama-math-grass.yaml"
+    words[words.index("--nproc_per_node") + 1] = "2"
+    i = words.index("--config")
+    words[i : i + 2] = ["max_steps=25", "save_every=0", "plots=false", "tensorboard=false"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes x 4 rows" in proc.stdout and proc.stdout.count("done: 25 steps") == 1

@@ -521,7 +521,9 @@ def finetune(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per method (0..n-1)")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning step budget (default 160)")
+    p.add_argument(
+        "--steps", type=int, default=None, help=f"fine-tuning step budget (default {Settings.steps})"
+    )
     p.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS)
     )

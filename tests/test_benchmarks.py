@@ -53,3 +53,56 @@ def test_accuracy_smoke(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "accuracy.json").read_text())
     assert len(res["runs"]) == 5 and all(0 <= r["accuracy"] <= 100 for r in res["runs"])
     assert list((tmp_path / "cache").rglob("pretrained-*.pt")), "the pretrained model is cached"
+
+
+# ------------------------------------------------------------------------------------------------
+# the commands the docs list use real flags and settings keys
+DOCS = [BENCH.parent / "docs" / "reproduce.md", BENCH / "README.md"]
+
+
+def _doc_commands(path: Path) -> list[str]:
+    """Every ``grass-llm ...`` / ``python benchmarks/...`` command in inline code or a code block."""
+    import re
+
+    text = path.read_text()
+    chunks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+    chunks += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    cmds = []
+    for chunk in chunks:
+        for line in chunk.splitlines():
+            line = line.split(" #")[0].strip()
+            for part in line.split("&&"):
+                part = re.sub(r"^(nice -n \d+ )?(\.venv/bin/)?", "", part.strip())
+                if part.startswith(("grass-llm train", "grass-llm eval", "python benchmarks/")):
+                    cmds.append(part)
+    return cmds
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_doc_commands_are_valid(doc: Path) -> None:
+    import shlex
+
+    if not doc.exists():
+        pytest.skip(f"no {doc}")
+    from grass_llm.cli import build_parser
+    from grass_llm.train_config import load_train_config
+
+    cmds = _doc_commands(doc)
+    assert cmds, f"no commands found in {doc}"
+    eval_outs: list[str] = []
+    for cmd in cmds:
+        argv = shlex.split(cmd.replace("$LLMA", "/tmp/LLM-Adapters"))
+        if argv[:2] == ["grass-llm", "eval"] and "--model" not in argv:
+            continue  # a mention of a flag in the prose, not a command
+        if argv[0] == "grass-llm":
+            args = build_parser(argv[1]).parse_args(argv[1:])  # unknown flags exit with status 2
+            if argv[1] == "train":
+                load_train_config(args.config and str(BENCH.parent / args.config), args.overrides)
+            else:
+                assert args.out, f"{cmd}: without --out every run's final/ would write eval/final"
+                eval_outs.append(args.out)
+        else:
+            script = (BENCH.parent / argv[1]).read_text()
+            for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
+                assert f'"{flag}"' in script, f"{cmd}: {argv[1]} has no {flag}"
+    assert len(eval_outs) == len(set(eval_outs)), "two eval commands write the same directory"

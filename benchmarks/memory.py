@@ -2,9 +2,13 @@
 
 Writes ``benchmarks/results/memory.md``, ``memory.json`` (raw numbers) and ``memory_seqlen.png``.
 
-    python benchmarks/memory.py            # Table 4 + sequence-length sweep
-    python benchmarks/memory.py --quick    # Table 4 only
+    python benchmarks/memory.py                 # Table 4 + sequence-length sweep
+    python benchmarks/memory.py --quick         # Table 4 only
+    python benchmarks/memory.py --sweep-only    # keep Table 4 from memory.json, run the sweep
     python benchmarks/memory.py --report-only   # rebuild memory.md/png from memory.json
+
+The committed results came from ``python benchmarks/memory.py`` (Table 4; its sweep did not finish
+then) followed by ``python benchmarks/memory.py --sweep-only``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Command (the committed CPU results, benchmarks/results/throughput.md)::
 
-    nice -n 10 python benchmarks/throughput.py
+    nice -n 5 python benchmarks/throughput.py --threads 1
 
 GPU setting of the paper (random-init TinyLlama shape, bf16, batch 4, sequence 1024)::
 

@@ -61,7 +61,7 @@ DOCS = [BENCH.parent / "docs" / "reproduce.md", BENCH / "README.md"]
 
 
 def _doc_commands(path: Path) -> list[str]:
-    """Every ``grass-llm ...`` / ``python benchmarks/...`` command in inline code or a code block."""
+    """Every ``grass-llm train|eval|memory`` / ``python benchmarks/...`` command in inline code or a code block."""
     import re
 
     text = path.read_text()
@@ -73,7 +73,9 @@ def _doc_commands(path: Path) -> list[str]:
             line = line.split(" #")[0].strip()
             for part in line.split("&&"):
                 part = re.sub(r"^(nice -n \d+ )?(\.venv/bin/)?", "", part.strip())
-                if part.startswith(("grass-llm train", "grass-llm eval", "python benchmarks/")):
+                if part.startswith(
+                    ("grass-llm train", "grass-llm eval", "grass-llm memory", "python benchmarks/")
+                ):
                     cmds.append(part)
     return cmds
 
@@ -96,7 +98,9 @@ def test_doc_commands_are_valid(doc: Path) -> None:
             continue  # a mention of a flag in the prose, not a command
         if argv[0] == "grass-llm":
             args = build_parser(argv[1]).parse_args(argv[1:])  # unknown flags exit with status 2
-            if argv[1] == "train":
+            if argv[1] == "memory":
+                assert args.model, cmd
+            elif argv[1] == "train":
                 load_train_config(args.config and str(BENCH.parent / args.config), args.overrides)
             else:
                 assert args.out, f"{cmd}: without --out every run's final/ would write eval/final"

@@ -77,6 +77,12 @@ CACHE = REPO_ROOT / "runs" / "bench" / "accuracy"
 METHODS = ("fft", "lora", "lisa", "grass", "grass-static")
 #: Table 9, TinyLlama arithmetic: FFT 1e-5, LoRA 1e-4, LISA 5e-5, GRASS 3e-5 -> ratios to FFT
 PAPER_LR_RATIO = {"fft": 1.0, "lora": 10.0, "lisa": 5.0, "grass": 3.0, "grass-static": 3.0}
+#: ablations of GRASS (not run by default; ``--methods``): what LISA does differently, one at a time
+ABLATIONS = {
+    "grass+emb+head": ("grass", {"train_embeddings": True, "train_head": True}),  # LISA's trained set
+    "grass-lisa-ts": ("grass", {"period": "lisa"}),  # LISA's (shorter) sampling period
+}
+PAPER_LR_RATIO.update({name: PAPER_LR_RATIO[base] for name, (base, _) in ABLATIONS.items()})
 
 NAMES = ["Mia", "Tom", "Ana", "Ben", "Lily", "Sam", "Emma", "Jack", "Nina", "Max", "Sara", "Leo"]
 PRONOUN = {n: ("She" if n in {"Mia", "Ana", "Lily", "Emma", "Nina", "Sara"} else "He") for n in NAMES}
@@ -469,12 +475,16 @@ def finetune(
 
     torch.manual_seed(seed)
     model = copy.deepcopy(pretrained)
+    base, extra = ABLATIONS.get(method, (method, {}))
+    extra = dict(extra)
+    period = s.lisa_period if extra.pop("period", None) == "lisa" else s.period
     model, opt = make_method(
-        method,
+        base,
         model,
         lr,
+        **extra,
         active_layers=2,
-        period=s.period,
+        period=period,
         lisa_period=s.lisa_period,
         probe_steps=s.probe,
         lora_rank=s.lora_rank,
@@ -486,7 +496,7 @@ def finetune(
     order = list(range(len(encoded)))
     rng = random.Random(seed)
     rng.shuffle(order)
-    probe = s.probe if method in ("grass", "grass-static") else 0
+    probe = s.probe if base in ("grass", "grass-static") else 0
     updates = s.steps - probe
     warm = max(1, round(0.05 * updates))
     t0 = time.perf_counter()
@@ -513,7 +523,7 @@ def finetune(
     }
     if isinstance(opt, GrassOptimizer):
         info["importance"] = [round(float(x), 5) for x in opt.importance]
-        info["trainable"] = "2 layers" + (" + emb + head" if method == "lisa" else "")
+        info["trainable"] = "2 layers" + (" + emb + head" if opt.config.train_head else "")
     return model, info
 
 
@@ -525,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=None, help=f"fine-tuning step budget (default {Settings.steps})"
     )
     p.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS)
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated subset of " + ", ".join(METHODS) + "; GRASS ablations: " + ", ".join(ABLATIONS),
     )
     p.add_argument(
         "--sweep",
@@ -549,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         s.steps = args.steps
     s.methods = tuple(m for m in args.methods.split(",") if m)
-    unknown = set(s.methods) - set(METHODS)
+    unknown = set(s.methods) - set(METHODS) - set(ABLATIONS)
     if unknown:
         print(f"error: unknown methods {sorted(unknown)}", file=sys.stderr)
         return 2

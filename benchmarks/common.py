@@ -222,6 +222,8 @@ def make_method(
     seed: int = 0,
     offload: bool | str = False,
     overlap: bool = True,
+    train_embeddings: bool = False,
+    train_head: bool = False,
 ):
     """(model, optimizer) for ``method``; LoRA wraps (and returns) a new model object.
 
@@ -257,6 +259,8 @@ def make_method(
             period=period,
             probe_steps=probe_steps,
             policy="grass" if method == "grass" else "static",
+            train_embeddings=train_embeddings,
+            train_head=train_head,
             max_grad_norm=max_grad_norm,
             seed=seed,
             offload=offload,

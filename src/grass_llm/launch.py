@@ -51,13 +51,13 @@ class Launch:
         lo = self.rank * per
         return {k: v[lo : lo + per] for k, v in batch.items()}
 
-    def sum(self, value: float | int, device: torch.device) -> float:
-        """Sum of a host number over ranks (one tiny all-reduce)."""
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Sums of host numbers over ranks, all in one tiny all-reduce."""
         if not self.distributed:
-            return value
-        t = torch.tensor(float(value), dtype=torch.float64, device=device)
+            return list(values)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
         dist.all_reduce(t)
-        return float(t)
+        return t.tolist()
 
     def barrier(self) -> None:
         if self.distributed:

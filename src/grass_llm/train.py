@@ -767,7 +767,7 @@ def _run(cfg: TrainConfig, launch, device, data_file: Path | None, t_start: floa
             # ranks) / N: the mean of the ranks' gradients is then the gradient of the global token mean.
             n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
             if launch.distributed:
-                n_all = launch.sum(n_items, device)
+                (n_all,) = launch.sum([n_items], device)
                 n_items_t = torch.tensor(max(n_all, 1.0) / launch.world_size, device=device)
             else:
                 n_items_t = torch.tensor(max(n_items, 1), device=device)
@@ -791,8 +791,9 @@ def _run(cfg: TrainConfig, launch, device, data_file: Path | None, t_start: floa
             step += 1
             tokens_seen += tokens
 
-            loss = launch.sum(float(loss_sum), device) / launch.world_size  # the global token mean
-            tokens = int(launch.sum(tokens, device))
+            loss_all, tokens_all = launch.sum([float(loss_sum), tokens], device)
+            loss = loss_all / launch.world_size  # the global token mean
+            tokens = int(tokens_all)
             last_loss = loss
             dt = time.perf_counter() - t0
             cuda_mem, rss = _memory(device)

@@ -34,7 +34,8 @@ class _RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
 
 
-def _args(tmp_path, **kw):
+def _args(tmp_path, cls=None, **kw):
+    """Small CPU TrainingArguments (or a subclass such as TRL's SFTConfig) for a few steps."""
     base = dict(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -49,7 +50,7 @@ def _args(tmp_path, **kw):
         seed=0,
     )
     base.update(kw)
-    return transformers.TrainingArguments(**base)
+    return (cls or transformers.TrainingArguments)(**base)
 
 
 def test_trainer_trains_only_sampled_layers_and_logs_grass_state(tmp_path):
@@ -184,20 +185,7 @@ def test_trl_sft_trainer_takes_the_grass_optimizer(tmp_path):
         )
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_steps=6,
-        max_grad_norm=0.0,
-        max_length=64,
-        disable_tqdm=True,
-        dataset_text_field="text",
-        seed=0,
-    )
+    args = _args(tmp_path, cls=trl.SFTConfig, max_steps=6, max_length=64, dataset_text_field="text")
     cfg = GrassConfig(active_layers=2, period=10, probe_steps=2, seed=0)
     opt, sched = create_grass_optimizer_and_scheduler(model, args, grass_config=cfg)
     trainer = trl.SFTTrainer(

@@ -1,6 +1,6 @@
 """grass-llm: GRASS, gradient-based adaptive layer-wise importance sampling for LLM fine-tuning."""
 
-from grass_llm.checkpointing import enable_gradient_checkpointing
+from grass_llm.activation_checkpointing import enable_gradient_checkpointing
 from grass_llm.config import POLICIES, ConfigError, GrassConfig
 from grass_llm.importance import ImportanceTracker
 from grass_llm.layers import LayerDiscoveryError, LayerGroups, discover_layers

@@ -663,7 +663,7 @@ def _run(cfg: TrainConfig, launch, device, data_file: Path | None, t_start: floa
     if cfg.method in ("lora", "dora"):
         model = _wrap_lora(cfg, model, dtype)
     if cfg.gradient_checkpointing:
-        from grass_llm.checkpointing import enable_gradient_checkpointing
+        from grass_llm.activation_checkpointing import enable_gradient_checkpointing
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         try:

@@ -1,4 +1,4 @@
-"""Gradient (activation) checkpointing that does not force backward through frozen layers.
+"""Activation (gradient) checkpointing that does not force backward through frozen layers.
 
 HF's ``gradient_checkpointing_enable`` also installs ``enable_input_require_grads``: a forward hook
 that makes the embedding output require grad, so that reentrant checkpointing sees an input with

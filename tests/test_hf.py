@@ -9,13 +9,13 @@ import torch
 from conftest import make_tiny_llama
 
 from grass_llm import GrassConfig, GrassOptimizer
+from grass_llm.schedule import build_lr_scheduler
 
 transformers = pytest.importorskip("transformers")
 
 from grass_llm.integrations.hf import (  # noqa: E402
     GrassCallback,
     add_grass_callback,
-    build_lr_scheduler,
     create_grass_optimizer_and_scheduler,
 )
 

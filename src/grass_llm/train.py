@@ -482,15 +482,10 @@ def _set_rng_state(state: dict[str, Any], device) -> None:
 
 
 def _scheduler_state(scheduler) -> dict[str, Any]:
-    state = scheduler.state_dict()
-    state.pop("lr_lambdas", None)  # rebuilt from the config; keeps the checkpoint weights_only-loadable
-    return state
+    return scheduler.state_dict()  # grass_llm.schedule keeps it weights_only-loadable
 
 
 def _load_scheduler_state(scheduler, state: dict[str, Any]) -> None:
-    state = dict(state)
-    if hasattr(scheduler, "lr_lambdas"):
-        state["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
     scheduler.load_state_dict(state)
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
@@ -693,13 +688,15 @@ def _run(cfg: TrainConfig, launch, device, data_file: Path | None, t_start: floa
             UserWarning,
             stacklevel=2,
         )
-    train_steps = max(total_steps - probe, 1)
-    warmup = math.ceil(cfg.warmup * train_steps) if 0 < cfg.warmup < 1 else int(cfg.warmup)
-    from grass_llm.integrations.hf import build_lr_scheduler
+    from grass_llm.schedule import build_lr_scheduler, resolve_warmup
 
     schedule = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
     scheduler = build_lr_scheduler(
-        optimizer, schedule, num_warmup_steps=warmup, num_training_steps=total_steps, delay_steps=probe
+        optimizer,
+        schedule,
+        num_warmup_steps=resolve_warmup(cfg.warmup, max(total_steps - probe, 1)),
+        num_training_steps=total_steps,
+        delay_steps=probe,
     )
     batches = _Batches(loader)
 

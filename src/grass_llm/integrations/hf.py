@@ -36,9 +36,7 @@ transformers is imported when this module is imported; ``grass_llm`` itself neve
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,6 +45,7 @@ from torch import nn
 from grass_llm.config import GrassConfig
 from grass_llm.layers import LayerSpec
 from grass_llm.optim import GrassOptimizer
+from grass_llm.schedule import build_lr_scheduler, resolve_warmup
 
 try:
     from transformers.trainer_callback import TrainerCallback
@@ -58,7 +57,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the [hf] e
 __all__ = [
     "GrassCallback",
     "add_grass_callback",
-    "build_lr_scheduler",
     "create_grass_optimizer_and_scheduler",
     "find_grass_optimizer",
     "grass_log_scalars",
@@ -69,57 +67,6 @@ _CLIP_WARNING = (
     "GRASS reads the importance (MGN) of clipped gradients; set max_grad_norm=0 in TrainingArguments and "
     "GrassConfig.max_grad_norm instead, which clips after the MGN is read"
 )
-
-
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    name: str = "linear",
-    num_warmup_steps: int = 0,
-    num_training_steps: int | None = None,
-    delay_steps: int = 0,
-    scheduler_kwargs: dict[str, Any] | None = None,
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """``transformers.get_scheduler`` whose schedule starts after ``delay_steps`` steps.
-
-    The first ``delay_steps`` optimizer steps (GRASS probing, which updates nothing) keep the
-    schedule at its step-0 value; warmup and decay then run over ``num_training_steps - delay_steps``
-    steps. ``delay_steps=0`` returns ``get_scheduler``'s scheduler unchanged.
-    """
-    from transformers import get_scheduler
-
-    if delay_steps < 0:
-        raise ValueError(f"delay_steps={delay_steps} is invalid; allowed: an integer >= 0")
-    total = None if num_training_steps is None else max(int(num_training_steps) - delay_steps, 1)
-    scheduler = get_scheduler(
-        name,
-        optimizer,
-        num_warmup_steps=num_warmup_steps,
-        num_training_steps=total,
-        scheduler_specific_kwargs=scheduler_kwargs,
-    )
-    if delay_steps == 0:
-        return scheduler
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        raise ValueError(
-            f"lr scheduler {name!r} cannot be delayed past the {delay_steps} probing steps; allowed: a "
-            "step-based schedule (linear, cosine, constant, constant_with_warmup, ...)"
-        )
-    # rebuild on top of the same base LRs: get_scheduler already moved group["lr"] to f(0) * base
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"]
-    shifted = [_Shifted(fn, delay_steps) for fn in scheduler.lr_lambdas]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, shifted)
-
-
-class _Shifted:
-    """``step -> fn(max(step - delay, 0))``; a class (not a closure) so the scheduler pickles."""
-
-    def __init__(self, fn: Callable[[int], float], delay: int) -> None:
-        self.fn = fn
-        self.delay = delay
-
-    def __call__(self, step: int) -> float:
-        return self.fn(max(step - self.delay, 0))
 
 
 def create_grass_optimizer_and_scheduler(
@@ -184,14 +131,10 @@ def create_grass_optimizer_and_scheduler(
         model, config=cfg, lr=lr, betas=tuple(betas), eps=eps, weight_decay=wd, layers=layers
     )
     train_steps = None if num_training_steps is None else num_training_steps - cfg.probe_steps
-    if warmup and 0 < warmup < 1:
-        if train_steps is None:
-            raise ValueError("a fractional warmup_steps needs num_training_steps")
-        warmup = math.ceil(train_steps * warmup)
     scheduler = build_lr_scheduler(
         optimizer,
         sched_name,
-        num_warmup_steps=int(warmup),
+        num_warmup_steps=resolve_warmup(warmup, train_steps),
         num_training_steps=num_training_steps,
         delay_steps=cfg.probe_steps,
         scheduler_kwargs=scheduler_kwargs,

@@ -1,0 +1,81 @@
+"""LR schedules: same factors as transformers.get_scheduler, delayed past probing, weights_only state."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from grass_llm.schedule import SCHEDULES, LRSchedule, build_lr_scheduler, resolve_warmup
+
+KWARGS = {"cosine_with_min_lr": {"min_lr_rate": 0.1}}
+
+
+def _opt(lr=0.5):
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_factors_equal_transformers(name):
+    transformers = pytest.importorskip("transformers")
+    ref_opt, ours_opt = _opt(), _opt()
+    total = None if name in ("constant", "constant_with_warmup", "inverse_sqrt") else 40
+    ref = transformers.get_scheduler(
+        name,
+        ref_opt,
+        num_warmup_steps=7,
+        num_training_steps=total,
+        scheduler_specific_kwargs=KWARGS.get(name),
+    )
+    ours = build_lr_scheduler(ours_opt, name, 7, total, scheduler_kwargs=KWARGS.get(name))
+    for step in range(50):
+        assert ours_opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], abs=1e-12), step
+        ref_opt.step(), ours_opt.step()
+        ref.step(), ours.step()
+
+
+def test_delay_holds_step_zero_then_runs_the_schedule():
+    schedule = LRSchedule("linear", num_warmup_steps=2, num_training_steps=7, delay_steps=3)
+    assert [schedule(s) for s in range(8)] == pytest.approx([0, 0, 0, 0, 0.5, 1, 0.5, 0])
+
+
+def test_state_dict_loads_with_weights_only():
+    """The Trainer reloads scheduler.pt with weights_only=True: the state must be plain numbers."""
+    opt = _opt()
+    sched = build_lr_scheduler(opt, "cosine", 3, 20, delay_steps=4)
+    for _ in range(9):
+        opt.step()
+        sched.step()
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    opt2 = _opt()
+    sched2 = build_lr_scheduler(opt2, "cosine", 3, 20, delay_steps=4)
+    sched2.load_state_dict(state)
+    opt.step(), opt2.step()
+    sched.step(), sched2.step()
+    assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (dict(name="warmup_stable_decay"), "allowed: linear"),
+        (dict(name="linear"), "needs num_training_steps"),
+        (dict(name="cosine", num_training_steps=5, power=2.0), "takes no argument"),
+        (dict(name="linear", num_training_steps=5, delay_steps=-1), "delay_steps"),
+        (dict(name="cosine_with_min_lr", num_training_steps=5), "exactly one of min_lr"),
+    ],
+)
+def test_bad_arguments_are_named(args, match):
+    with pytest.raises(ValueError, match=match):
+        LRSchedule(**args)
+
+
+def test_resolve_warmup():
+    assert resolve_warmup(0.1, 95) == 10
+    assert resolve_warmup(5, None) == 5
+    with pytest.raises(ValueError, match="fractional"):
+        resolve_warmup(0.5, None)

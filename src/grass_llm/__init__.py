@@ -1,11 +1,11 @@
 """grass-llm: GRASS, gradient-based adaptive layer-wise importance sampling for LLM fine-tuning."""
 
 from grass_llm.activation_checkpointing import enable_gradient_checkpointing
-from grass_llm.config import POLICIES, ConfigError, GrassConfig
+from grass_llm.config import ConfigError, GrassConfig
 from grass_llm.importance import ImportanceTracker
 from grass_llm.layers import LayerDiscoveryError, LayerGroups, discover_layers
 from grass_llm.optim import GrassOptimizer
-from grass_llm.sampling import LayerSampler, mgn_probabilities
+from grass_llm.sampling import POLICIES, LayerSampler, SamplingPolicy, mgn_probabilities, register_policy
 
 __version__ = "0.1.0"
 
@@ -18,8 +18,10 @@ __all__ = [
     "LayerDiscoveryError",
     "LayerGroups",
     "LayerSampler",
+    "SamplingPolicy",
     "__version__",
     "discover_layers",
     "enable_gradient_checkpointing",
     "mgn_probabilities",
+    "register_policy",
 ]

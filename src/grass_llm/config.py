@@ -14,11 +14,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["POLICIES", "ConfigError", "GrassConfig"]
+from grass_llm.sampling import POLICIES
 
-#: Sampling policies. ``grass``: adaptive (paper), ``static``: GRASS* (probabilities fixed after
-#: probing), ``uniform``: LISA's uniform layer sampling.
-POLICIES = ("grass", "static", "uniform")
+__all__ = ["ConfigError", "GrassConfig"]
+
 _REACTIVATION = ("keep", "reset")
 
 
@@ -47,8 +46,8 @@ class GrassConfig:
         default=None,
         metadata={
             "help": "Tp: probing steps at the start (forward+backward through all layers, no update) that "
-            "initialise the MGN. Default: 150 (paper) for the grass/static policies, 0 for uniform (LISA has "
-            "no probing)."
+            "initialise the MGN. Default: the policy's (150, the paper's, for grass/static; 0 for uniform "
+            "and cyclic, which do not use the MGN)."
         },
     )
     temperature: float = field(
@@ -66,7 +65,8 @@ class GrassConfig:
     policy: str = field(
         default="grass",
         metadata={
-            "help": "grass (adaptive), static (GRASS*: probabilities fixed after probing), uniform (LISA)."
+            "help": "grass (adaptive), static (GRASS*: probabilities fixed after probing), uniform (LISA), "
+            "cyclic (BAdam-style block coordinate descent); see grass_llm.sampling for adding one."
         },
     )
     train_embeddings: bool = field(
@@ -138,16 +138,25 @@ class GrassConfig:
             "before any update)."
         },
     )
+    layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dotted module path of the decoder blocks (an nn.ModuleList), e.g. model.layers; None: "
+            "found by introspection (the language model's decoder blocks)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the layer-sampling generator."})
 
     def __post_init__(self) -> None:
-        if self.probe_steps is None:
-            self.probe_steps = 0 if self.policy == "uniform" else 150
+        if self.probe_steps is None and self.policy in POLICIES:
+            self.probe_steps = POLICIES[self.policy].default_probe_steps
         self.validate()
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self, num_layers: int | None = None) -> None:
         """Raise ``ConfigError`` naming the first bad field. ``num_layers`` bounds ``active_layers``."""
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
+            raise ConfigError(f"policy={self.policy!r} is unknown; allowed: {', '.join(POLICIES)}")
         _int_at_least("active_layers", self.active_layers, 1)
         if num_layers is not None and self.active_layers > num_layers:
             raise ConfigError(
@@ -161,8 +170,6 @@ class GrassConfig:
             raise ConfigError(f"temperature={self.temperature!r} is invalid; allowed: a finite float > 0")
         if not _is_real(self.ema) or not (0 < self.ema <= 1):
             raise ConfigError(f"ema={self.ema!r} is invalid; allowed: a float in (0, 1]")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy={self.policy!r} is unknown; allowed: {', '.join(POLICIES)}")
         if self.on_reactivation not in _REACTIVATION:
             raise ConfigError(f"on_reactivation={self.on_reactivation!r} is unknown; allowed: keep, reset")
         if self.max_grad_norm is not None and (
@@ -185,6 +192,10 @@ class GrassConfig:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; allowed: true or false")
+        if self.layers is not None and (not isinstance(self.layers, str) or not self.layers.strip()):
+            raise ConfigError(
+                f"layers={self.layers!r} is invalid; allowed: None or a dotted module path such as model.layers"
+            )
         if self.step_in_backward and self.max_grad_norm is not None:
             raise ConfigError(
                 f"step_in_backward=True cannot be combined with max_grad_norm={self.max_grad_norm!r}: clipping "

@@ -13,7 +13,7 @@ sampling period, where the sampler needs the values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,9 +22,20 @@ __all__ = ["ImportanceTracker"]
 
 
 class ImportanceTracker:
-    """Accumulates per-layer squared gradient norms within a step and MGN observations within a period."""
+    """Accumulates per-layer squared gradient norms within a step and MGN observations within a period.
 
-    def __init__(self, numels: Sequence[int], device: torch.device | str = "cpu") -> None:
+    ``reduce_sumsq`` (data parallelism, see ``grass_llm.distributed``) turns this rank's per-layer
+    squared norms into the global ones in place, before the root of eq. 2 is taken: a sum over the
+    shards of a sharded gradient, a mean over ranks for unreduced gradients, nothing for gradients
+    already all-reduced.
+    """
+
+    def __init__(
+        self,
+        numels: Sequence[int],
+        device: torch.device | str = "cpu",
+        reduce_sumsq: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
         if not numels or any(n <= 0 for n in numels):
             raise ValueError(
                 f"numels must be a non-empty list of positive parameter counts, got {list(numels)}"
@@ -37,6 +48,7 @@ class ImportanceTracker:
         self._period_count = [0] * self.num_layers  # host ints: which layers were observed is host-known
         self.mgn = torch.zeros(self.num_layers, dtype=torch.float64)  # host copy, updated once a period
         self.initialized = False
+        self._reduce = reduce_sumsq
 
     # -- within a step --------------------------------------------------------------------------
     def add_sumsq(self, layer: int, grad: torch.Tensor) -> None:
@@ -77,6 +89,8 @@ class ImportanceTracker:
         ``scale`` multiplies the squared norm before the root; the probing phase uses it to put
         micro-batch gradients read in hooks on the scale of an accumulated gradient (see optim.py).
         """
+        if self._reduce is not None:
+            self._reduce(self._step_sumsq)  # invariant: every rank calls observe_step at the same steps
         if layers:
             idx = torch.tensor(sorted(set(layers)), device=self.device)
             obs = (self._step_sumsq[idx] * scale / self._numel[idx]).sqrt()
@@ -137,13 +151,14 @@ class ImportanceTracker:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        mgn = torch.as_tensor(state["mgn"], dtype=torch.float64)
+        """Restore :meth:`state_dict`; its tensors may be on any device (accelerate moves them)."""
+        mgn = torch.as_tensor(state["mgn"]).to("cpu", torch.float64)
         if mgn.shape != (self.num_layers,):
             raise ValueError(
                 f"importance state has {mgn.numel()} layers but the model has {self.num_layers} decoder layers"
             )
         self.mgn = mgn.clone()
         self.initialized = bool(state["initialized"])
-        self._period_sum.copy_(state["period_sum"])
+        self._period_sum.copy_(torch.as_tensor(state["period_sum"]).to(self.device))
         self._period_count = [int(c) for c in state["period_count"]]
-        self._step_sumsq.copy_(state["step_sumsq"])
+        self._step_sumsq.copy_(torch.as_tensor(state["step_sumsq"]).to(self.device))

@@ -35,7 +35,7 @@ from torch import nn
 from torch.optim.adam import adam as _functional_adam
 
 from grass_llm.config import GrassConfig
-from grass_llm.distributed import GrassDistributed, resolve_distributed
+from grass_llm.distributed.base import DataParallelBackend, LocalBackend, resolve_backend
 from grass_llm.importance import ImportanceTracker
 from grass_llm.layers import LayerGroups, LayerSpec, discover_layers
 from grass_llm.sampling import LayerSampler
@@ -54,11 +54,13 @@ class GrassOptimizer(torch.optim.Optimizer):
         config: a ``GrassConfig``; the paper's defaults when omitted.
         lr, betas, eps, weight_decay: AdamW hyper-parameters (``torch.optim.AdamW`` semantics;
             weight decay is decoupled and applies to every trained parameter).
-        layers: override for the decoder blocks: a dotted module path or ``model -> blocks``.
+        layers: override for the decoder blocks: a dotted module path or ``model -> blocks``
+            (default: ``config.layers``, else introspection).
         foreach: passed to the functional AdamW (``None``: PyTorch's default for the device).
-        distributed: data-parallel synchronisation (``grass_llm.distributed``): ``"auto"`` turns it on
-            when torch.distributed is initialised with more than one rank; ``None``/``False``: off; or a
-            ``GrassDistributed`` (e.g. with ``shard_optimizer_states=True``). Do not wrap the model in DDP.
+        distributed: the data-parallel backend (``grass_llm.distributed``): ``"auto"`` uses the replicated
+            backend when torch.distributed is initialised with more than one rank; ``None``/``False``: one
+            process; or a ``DataParallelBackend`` (e.g. ``ReplicatedBackend(shard_optimizer_states=True)``).
+            Do not wrap the model in DDP.
     """
 
     def __init__(
@@ -71,7 +73,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         layers: LayerSpec = None,
         foreach: bool | None = None,
-        distributed: GrassDistributed | bool | str | None = "auto",
+        distributed: DataParallelBackend | bool | str | None = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -84,7 +86,9 @@ class GrassOptimizer(torch.optim.Optimizer):
         if not (weight_decay >= 0):
             raise ValueError(f"weight_decay={weight_decay!r} is invalid; allowed: a float >= 0")
         self.config = copy.deepcopy(config) if config is not None else GrassConfig()
-        self.groups: LayerGroups = discover_layers(model, layers)
+        self.groups: LayerGroups = discover_layers(
+            model, layers if layers is not None else self.config.layers
+        )
         self.config.validate(num_layers=self.groups.num_layers)
         self.model = model
         # parameters the user froze before handing us the model stay frozen
@@ -111,13 +115,24 @@ class GrassOptimizer(torch.optim.Optimizer):
             if params:
                 param_groups.append({"params": params, "unit": name, "layer": None})
         super().__init__(param_groups, defaults)
+        self._unit_id = {g["unit"]: j for j, g in enumerate(self.param_groups)}  # unit name -> index
 
         cfg = self.config
+        # invariant: the backend exists before the tracker and sampler that use it, and is attached
+        # before the first draw and before the probing hooks are registered
+        self.backend = resolve_backend(distributed, model)
         trackable = [self.groups.numel(i) for i in range(self.groups.num_layers)]
         device = next(iter(self.groups.block_params[0])).device
-        self.importance_tracker = ImportanceTracker(trackable, device=device)
+        self.importance_tracker = ImportanceTracker(
+            trackable, device=device, reduce_sumsq=self.backend.reduce_sumsq_
+        )
         self.sampler = LayerSampler(
-            self.groups.num_layers, cfg.active_layers, cfg.policy, cfg.temperature, cfg.seed
+            self.groups.num_layers,
+            cfg.active_layers,
+            cfg.policy,
+            cfg.temperature,
+            cfg.seed,
+            broadcast=self.backend.broadcast_layers,
         )
         self._layer_of = {id(p): i for i, ps in enumerate(self.groups.block_params) for p in ps}
         self.global_step = 0
@@ -132,16 +147,15 @@ class GrassOptimizer(torch.optim.Optimizer):
         self._fwd_hook = model.register_forward_pre_hook(self._strip_input_require_grads)
         self._offloader = self._make_offloader(device)
 
-        # invariant: attached before the first draw and before the probing hooks are registered
-        self.dist = resolve_distributed(distributed, model)
-        if self.dist is not None:
-            self.dist.attach(self)
+        self.backend.attach(
+            [[p for p in g["params"] if id(p) not in self._user_frozen] for g in self.param_groups]
+        )
         self._accumulating = False  # inside no_sync(): a non-final micro-batch
         self._sib_ready: dict[int, int] = {}  # param-group index -> gradients ready in this backward
         self._sib_stepped: set[int] = set()  # param-group indices updated in backward since step()
         self._sib_handles: list[Any] = []
         if cfg.step_in_backward:
-            if self.dist is not None:
+            if not isinstance(self.backend, LocalBackend):
                 raise ValueError(
                     "step_in_backward=True is not supported with data-parallel sync (the update would run "
                     "before the gradient all-reduce); set step_in_backward=False or distributed=False"
@@ -194,7 +208,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         previous = self._accumulating
         self._accumulating = True
         try:
-            with self.dist.no_sync() if self.dist is not None else contextlib.nullcontext():
+            with self.backend.no_sync():
                 yield
         finally:
             self._accumulating = previous
@@ -239,8 +253,8 @@ class GrassOptimizer(torch.optim.Optimizer):
             self._finish_probe()
 
     def _train_step(self) -> None:
-        if self.dist is not None:
-            self.dist.reduce_gradients(self._trained_groups())  # every rank now holds the mean gradients
+        # every rank now holds the gradients of the global batch
+        self.backend.reduce_gradients([self._unit_id[g["unit"]] for g in self._trained_groups()])
         # layers updated in backward (step_in_backward) had their squared norms added there already
         done = {self.param_groups[gi]["layer"] for gi in self._sib_stepped} - {None}
         grads: dict[int, list[torch.Tensor]] = {}
@@ -265,9 +279,9 @@ class GrassOptimizer(torch.optim.Optimizer):
         if self.config.max_grad_norm is not None:
             self.clip_grad_norm_(self.config.max_grad_norm)
         trained = [g for g in self._trained_groups() if any(p.grad is not None for p in g["params"])]
-        self._step_groups([g for g in trained if self.dist is None or self.dist.owns(g)])
-        if self.dist is not None:
-            self.dist.broadcast_updates(trained)  # ZeRO-1: each owner sends its units' new weights
+        self._step_groups([g for g in trained if self.backend.owns(self._unit_id[g["unit"]])])
+        # ZeRO-1: each owner sends its units' new weights
+        self.backend.broadcast_updates([self._unit_id[g["unit"]] for g in trained])
         self.period_pos += 1
         if self.period_pos == self.config.period:
             self._resample()
@@ -468,6 +482,7 @@ class GrassOptimizer(torch.optim.Optimizer):
     def _start_probe(self) -> None:
         """Every block trainable; hooks read each gradient's norm and free it."""
         self._set_requires_grad(set(range(self.num_layers)), extra=False)
+        self.backend.set_trained([])
         self._remove_probe_hooks()
         for i, params in enumerate(self.groups.block_params):
             for p in params:
@@ -495,19 +510,13 @@ class GrassOptimizer(torch.optim.Optimizer):
 
     def _finish_probe(self) -> None:
         self._remove_probe_hooks()
-        mgn = (
-            self.importance_tracker.end_probe()
-            if self.config.probe_steps > 0
-            else self.importance_tracker.mgn
-        )
-        self.sampler.update(mgn)
+        if self.config.probe_steps > 0:
+            self.sampler.end_probe(self.importance_tracker.end_probe())
         self.period_pos = 0
         self._activate(self.sampler.draw())
 
     def _resample(self) -> None:
-        mgn = self.importance_tracker.end_period(self.config.ema)
-        if self.config.policy == "grass":
-            self.sampler.update(mgn)
+        self.sampler.end_period(self.importance_tracker.end_period(self.config.ema))
         self.period_pos = 0
         self._activate(self.sampler.draw())
 
@@ -521,6 +530,7 @@ class GrassOptimizer(torch.optim.Optimizer):
                     self._offloader.reset(f"layer.{i}")
         self._active = sorted(layers)
         self._set_requires_grad(set(self._active), extra=True)
+        self.backend.set_trained([self._unit_id[g["unit"]] for g in self._trained_groups()])
 
     def _set_requires_grad(self, layers: set[int], extra: bool) -> None:
         for group in self.param_groups:
@@ -573,8 +583,7 @@ class GrassOptimizer(torch.optim.Optimizer):
             "importance": self.importance_tracker.state_dict(),
             "sampler": self.sampler.state_dict(),
         }
-        if self.dist is not None:
-            sd = self.dist.consolidate_state_dict(sd)  # collective when sharding; rank 0's is complete
+        sd = self.backend.consolidate_state_dict(sd)  # collective when sharding; rank 0's is complete
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -612,8 +621,10 @@ class GrassOptimizer(torch.optim.Optimizer):
                 self.state[p].update({k: v.to(p.device) for k, v in moments.items()})
         if self._offloader is not None:
             self._offloader.load_state_dict({"units": self._fill_units(offloaded)})
-        if self.dist is not None:
-            self.dist.drop_unowned_states()  # ZeRO-1 on this world size; any world size can load
+        for j, group in enumerate(self.param_groups):  # ZeRO-1 on this world size; any world size loads
+            if not self.backend.owns(j):
+                for p in group["params"]:
+                    self.state.pop(p, None)
         self._sib_ready, self._sib_stepped = {}, set()
         self.importance_tracker.load_state_dict(grass["importance"])
         self.sampler.load_state_dict(grass["sampler"])
@@ -628,6 +639,7 @@ class GrassOptimizer(torch.optim.Optimizer):
             self._remove_probe_hooks()
             self._active = sorted(int(i) for i in grass["active"])
             self._set_requires_grad(set(self._active), extra=True)
+            self.backend.set_trained([self._unit_id[g["unit"]] for g in self._trained_groups()])
 
     def _packed_index(self) -> dict[int, int]:
         """id(param) -> its index in torch.optim's packed state_dict (running over the param groups)."""

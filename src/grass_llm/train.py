@@ -321,10 +321,10 @@ def _build_optimizer(cfg: TrainConfig, model, launch):
 
         sync = None  # GrassOptimizer's own data-parallel sync (no DDP): active layers only
         if launch.distributed:
-            from grass_llm.distributed import GrassDistributed
+            from grass_llm.distributed import ReplicatedBackend
 
             shard = cfg.grass.shard_optimizer_states and cfg.method != "lisa"
-            sync = GrassDistributed(shard_optimizer_states=shard)
+            sync = ReplicatedBackend(shard_optimizer_states=shard)
         try:
             return GrassOptimizer(
                 model,

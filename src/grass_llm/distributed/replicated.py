@@ -1,5 +1,6 @@
-"""Data-parallel GRASS on ``torch.distributed``, without DDP: same layers on every rank, gradients
-all-reduced for the active layers only, optional ZeRO-1 sharding of the optimizer states.
+"""Replicated data parallelism on ``torch.distributed``, without DDP: the whole model on every rank,
+the same layers trained everywhere, gradients all-reduced for the active layers only, optional ZeRO-1
+sharding of the optimizer states. A :class:`~grass_llm.distributed.base.DataParallelBackend`.
 
 ``GrassOptimizer`` picks this up by itself under ``torchrun`` / ``accelerate launch`` (argument
 ``distributed="auto"``: on when a process group of more than one rank is initialised). The model is
@@ -11,9 +12,9 @@ probing hooks free. GRASS knows which layers train and reduces only those (see d
 What each rank does, and the invariant that keeps the ranks identical:
 
 * **Sampling.** The sampler's seeded generator advances on every rank; the draw of rank 0 is
-  broadcast and used everywhere (``_SyncedLayerSampler``). The MGN it samples from is the same on
-  every rank: in training it is read from all-reduced gradients, and the period sums are all-reduced
-  (mean) before the probabilities are computed; during probing the per-step squared norms are.
+  broadcast and used everywhere (``broadcast_layers``). The MGN it samples from is the same on every
+  rank: in training it is read from all-reduced gradients; during probing the per-step squared norms
+  are averaged over ranks (``reduce_sumsq_``, see "Probing estimator" in docs/distributed.md).
 * **Gradients (training).** A post-accumulate-grad hook on every parameter counts the gradients that
   are ready per unit (a decoder layer, ``embeddings``, ``norm``, ``head``). When the last trainable
   parameter of a unit has its gradient, the unit's gradients are flattened into one buffer (plus one
@@ -46,53 +47,17 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from grass_llm.importance import ImportanceTracker
-from grass_llm.sampling import LayerSampler
+from grass_llm.distributed.base import DataParallelBackend
 
-if TYPE_CHECKING:
-    from grass_llm.optim import GrassOptimizer
-
-__all__ = ["GrassDistributed", "resolve_distributed"]
-
-
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
-
-
-def resolve_distributed(distributed: Any, model: nn.Module) -> GrassDistributed | None:
-    """The ``distributed`` argument of ``GrassOptimizer`` -> a ``GrassDistributed`` or ``None``.
-
-    ``"auto"``: on when ``torch.distributed`` is initialised with more than one rank. ``True``: on
-    (the process group must be initialised). ``None``/``False``: off. A ``GrassDistributed``: used.
-    """
-    if _is_ddp(model):
-        raise TypeError(
-            "GrassOptimizer got a DistributedDataParallel model. Pass the unwrapped model and do not wrap it "
-            "in DDP: GRASS all-reduces the gradients of the active layers itself (DDP would reduce every "
-            "layer and reads the gradients that the probing phase frees). See docs/distributed.md."
-        )
-    if isinstance(distributed, GrassDistributed):
-        return distributed
-    if distributed is None or distributed is False:
-        return None
-    initialized = dist.is_available() and dist.is_initialized()
-    if distributed is True:
-        if not initialized:
-            raise RuntimeError("distributed=True needs torch.distributed.init_process_group() first")
-        return GrassDistributed()
-    if distributed == "auto":
-        return GrassDistributed() if initialized and dist.get_world_size() > 1 else None
-    raise ValueError(
-        f"distributed={distributed!r} is invalid; allowed: 'auto', True, False, None or a GrassDistributed"
-    )
+__all__ = ["ReplicatedBackend"]
 
 
 @dataclass
@@ -104,7 +69,7 @@ class _Pending:
     params: list[nn.Parameter]
 
 
-class GrassDistributed:
+class ReplicatedBackend(DataParallelBackend):
     """Synchronises a ``GrassOptimizer`` across the ranks of a process group (no DDP needed).
 
     Args:
@@ -113,22 +78,21 @@ class GrassDistributed:
             (unit ``j`` -> rank ``j % world_size``), steps them and broadcasts their weights.
 
     Create it after ``torch.distributed.init_process_group`` and pass it as
-    ``GrassOptimizer(model, cfg, distributed=GrassDistributed(shard_optimizer_states=True))``; one
+    ``GrassOptimizer(model, cfg, distributed=ReplicatedBackend(shard_optimizer_states=True))``; one
     instance serves one optimizer.
     """
 
     def __init__(self, process_group: Any = None, shard_optimizer_states: bool = False) -> None:
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("GrassDistributed needs torch.distributed.init_process_group() first")
+            raise RuntimeError("ReplicatedBackend needs torch.distributed.init_process_group() first")
         self.group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
         self.shard_optimizer_states = bool(shard_optimizer_states)
         #: accelerate-style switch: ``False`` skips the gradient all-reduce (non-final micro-batches)
         self.sync_gradients = True
-        self._opt: GrassOptimizer | None = None
-        self._params: list[list[nn.Parameter]] = []  # per unit, in param_groups order, user-frozen excluded
-        self._unit_index: dict[str, int] = {}
+        self._params: list[list[nn.Parameter]] | None = None  # per unit, trainable parameters
+        self._trained: frozenset[int] = frozenset()
         self._hooks: list[Any] = []
         self._counts: dict[int, int] = {}  # unit -> gradients ready in this backward pass
         self._launched: set[int] = set()  # units whose all-reduce started in this backward pass
@@ -137,10 +101,9 @@ class GrassDistributed:
         self._callback_queued = False
         self._warned_order = False
 
-    # ------------------------------------------------------------------------------------------
     def __repr__(self) -> str:
         return (
-            f"GrassDistributed(rank={self.rank}, world_size={self.world_size}, "
+            f"ReplicatedBackend(rank={self.rank}, world_size={self.world_size}, "
             f"shard_optimizer_states={self.shard_optimizer_states})"
         )
 
@@ -154,38 +117,22 @@ class GrassDistributed:
         return torch.device("cpu")
 
     # ------------------------------------------------------------------------------------------
-    # wiring, called once by GrassOptimizer.__init__ before the first draw
-    def attach(self, opt: GrassOptimizer) -> None:
-        """Replace the optimizer's tracker and sampler by rank-synchronised ones and install the hooks."""
-        if self._opt is not None:
+    # wiring
+    def attach(self, units: Sequence[Sequence[nn.Parameter]]) -> None:
+        """Install a gradient-ready hook on every trainable parameter (module docstring)."""
+        if self._params is not None:
             raise RuntimeError(
-                "this GrassDistributed is already attached to an optimizer; create one per optimizer"
+                "this ReplicatedBackend is already attached to an optimizer; create one per optimizer"
             )
-        self._opt = opt
-        old_tracker = opt.importance_tracker
-        tracker = _SyncedImportanceTracker(
-            [opt.groups.numel(i) for i in range(opt.num_layers)], device=old_tracker.device, comm=self
-        )
-        tracker.load_state_dict(old_tracker.state_dict())
-        opt.importance_tracker = tracker
-        cfg = opt.config
-        sampler = _SyncedLayerSampler(
-            opt.num_layers, cfg.active_layers, cfg.policy, cfg.temperature, cfg.seed, comm=self
-        )
-        sampler.load_state_dict(opt.sampler.state_dict())
-        opt.sampler = sampler
-
-        frozen = opt._user_frozen
-        self._params = [[p for p in g["params"] if id(p) not in frozen] for g in opt.param_groups]
-        self._unit_index = {g["unit"]: j for j, g in enumerate(opt.param_groups)}
-        # invariant: these hooks are registered before the probing hooks, so they run first and see
-        # the gradient; during probing they return at once and the probing hook frees it
+        self._params = [list(ps) for ps in units]
         for j, params in enumerate(self._params):
             for p in params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(j)))
 
-    def detach(self) -> None:
-        """Remove the gradient hooks (the optimizer then must not be stepped any more)."""
+    def set_trained(self, unit_ids: Collection[int]) -> None:
+        self._trained = frozenset(unit_ids)
+
+    def close(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -206,8 +153,7 @@ class GrassDistributed:
     # gradient all-reduce
     def _make_hook(self, unit: int):
         def hook(p: torch.Tensor) -> None:
-            opt = self._opt
-            if opt is None or opt.probing:
+            if unit not in self._trained:  # probing, or a unit not trained now
                 return
             if not self.sync_gradients:
                 if unit in self._reduced and not self._warned_order:
@@ -277,13 +223,13 @@ class GrassDistributed:
         self._launched = set()
         self._counts = {}
 
-    def reduce_gradients(self, groups: Iterable[Mapping[str, Any]]) -> None:
+    def reduce_gradients(self, unit_ids: Sequence[int]) -> None:
         """Called by ``step()`` before it reads gradients: make sure every trained unit is reduced.
 
         Normally the end-of-backward callback did it; units never synchronised since the last step
         (all micro-batches under ``no_sync()``) are reduced now, in unit order."""
         self._complete()
-        for unit in sorted(self._unit_index[g["unit"]] for g in groups):
+        for unit in sorted(unit_ids):
             if unit not in self._reduced:
                 self._launch(unit)
         self._complete()
@@ -291,25 +237,42 @@ class GrassDistributed:
         self._launched = set()
 
     # ------------------------------------------------------------------------------------------
+    # MGN and sampling
+    def reduce_sumsq_(self, sumsq: torch.Tensor) -> None:
+        """Training: the squared norms are read from all-reduced gradients, the same on every rank.
+        Probing: from this rank's own gradients, never reduced; their mean over ranks is the estimate
+        of the global squared norm (module docstring of ``docs/distributed.md``, "Probing estimator")."""
+        if self._trained or self.world_size == 1:
+            return
+        buf = sumsq.to(torch.float64)  # float64: equal values come back bit-identical
+        dist.all_reduce(buf, group=self.group)
+        sumsq.copy_(buf.div_(self.world_size))
+
+    def broadcast_layers(self, layers: Sequence[int]) -> list[int]:
+        t = torch.tensor(list(layers), dtype=torch.int64, device=self._small_device())
+        dist.broadcast(t, src=self._global_rank(0), group=self.group)
+        return [int(i) for i in t.tolist()]
+
+    # ------------------------------------------------------------------------------------------
     # ZeRO-1
-    def owner(self, unit: str) -> int:
-        """The rank that keeps the optimizer states of ``unit`` and steps it."""
-        return self._unit_index[unit] % self.world_size
+    def owner(self, unit_id: int) -> int:
+        """The rank that keeps the optimizer states of unit ``unit_id`` and steps it."""
+        return unit_id % self.world_size
 
-    def owns(self, group: Mapping[str, Any]) -> bool:
-        """Whether this rank steps ``group`` (always, without sharding)."""
-        return not self.shard_optimizer_states or self.owner(group["unit"]) == self.rank
+    def owns(self, unit_id: int) -> bool:
+        """Whether this rank steps the unit (always, without sharding)."""
+        return not self.shard_optimizer_states or self.owner(unit_id) == self.rank
 
-    def broadcast_updates(self, groups: Iterable[Mapping[str, Any]]) -> None:
+    def broadcast_updates(self, unit_ids: Sequence[int]) -> None:
         """After the owners stepped their units: every rank receives the new weights.
 
-        Invariant: ``groups`` comes in the same order on every rank (``param_groups`` order)."""
+        Invariant: ``unit_ids`` comes in the same order on every rank (``param_groups`` order)."""
         if not self.shard_optimizer_states or self.world_size == 1:
             return
         pending = []
-        for g in groups:
-            src = self._global_rank(self.owner(g["unit"]))
-            params = [p for p in self._params[self._unit_index[g["unit"]]] if p.requires_grad]
+        for unit in unit_ids:
+            src = self._global_rank(self.owner(unit))
+            params = [p for p in self._params[unit] if p.requires_grad]
             by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
             for p in params:
                 by_dtype.setdefault(p.dtype, []).append(p)
@@ -323,16 +286,6 @@ class GrassDistributed:
                 with torch.no_grad():
                     for p, v in zip(ps, flat.split([p.numel() for p in ps])):
                         p.copy_(v.view_as(p))
-
-    def drop_unowned_states(self) -> None:
-        """After ``load_state_dict``: keep only the states of the units this rank owns (ZeRO-1)."""
-        opt = self._opt
-        if opt is None or not self.shard_optimizer_states:
-            return
-        for g in opt.param_groups:
-            if not self.owns(g):
-                for p in g["params"]:
-                    opt.state.pop(p, None)
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -357,102 +310,3 @@ class GrassDistributed:
         else:
             sd["grass"]["partial_shard"] = {"rank": self.rank, "world_size": self.world_size}
         return sd
-
-    # ------------------------------------------------------------------------------------------
-    # small collectives for the tracker and the sampler
-    def all_reduce_mean_(self, t: torch.Tensor) -> None:
-        """In-place mean over ranks, summed in float64 so that equal values come back bit-identical."""
-        buf = t.to(torch.float64)
-        dist.all_reduce(buf, group=self.group)
-        t.copy_(buf.div_(self.world_size))
-
-    def broadcast_layers(self, layers: Sequence[int]) -> list[int]:
-        t = torch.tensor(list(layers), dtype=torch.int64, device=self._small_device())
-        dist.broadcast(t, src=self._global_rank(0), group=self.group)
-        return sorted(int(i) for i in t.tolist())
-
-
-class _SyncedImportanceTracker(ImportanceTracker):
-    """``ImportanceTracker`` whose MGN is the same on every rank.
-
-    Training: the gradients it observes are all-reduced already, so every rank makes the same
-    observations; the period sums are still averaged over ranks at period end (one collective per
-    period, float64, a no-op on equal values) so that the probabilities cannot drift apart.
-
-    Probing: the hooks read the *local* micro-batch gradients, which are never reduced. With W ranks,
-    k micro-batches and ``g_ri`` the gradient of micro-batch i on rank r (loss divided by k), the
-    global gradient is ``g = (1/W) sum_r sum_i g_ri``; the estimate of ``||g||^2`` is
-    ``(k/W) sum_r sum_i ||g_ri||^2``, i.e. the rank mean of the single-process estimate
-    ``k sum_i ||g_ri||^2``. It equals ``||g||^2`` when all the ``g_ri`` agree and is an upper estimate
-    otherwise (Cauchy-Schwarz), the same estimator as for micro-batches on one process. The square
-    root of eq. 2 is taken per step, after the mean, so the per-step sums must be reduced before it:
-    one asynchronous all-reduce of ``num_layers`` floats per probing step, awaited at the next step
-    (buffering the probing steps to reduce them once would make a mid-probe ``state_dict()`` a
-    collective, which hangs trainers that save on rank 0 only).
-    """
-
-    def __init__(self, numels: Sequence[int], device: torch.device | str, comm: GrassDistributed) -> None:
-        super().__init__(numels, device=device)
-        self._comm = comm
-        self._reduced_input = False
-        self._inflight: list[tuple[Any, torch.Tensor, list[int], float]] = []
-
-    def observe_grads(self, grads: Mapping[int, Sequence[torch.Tensor]], scale: float = 1.0) -> None:
-        self._reduced_input = True  # training: the gradients are all-reduced means already
-        try:
-            super().observe_grads(grads, scale=scale)
-        finally:
-            self._reduced_input = False
-
-    def observe_step(self, layers: Sequence[int], scale: float = 1.0) -> None:
-        if self._reduced_input or self._comm.world_size == 1:
-            super().observe_step(layers, scale=scale)
-            return
-        self._finish_inflight()
-        # invariant: every rank launches this collective once per probing step, in step()
-        buf = self._step_sumsq.to(torch.float64)
-        work = dist.all_reduce(buf, group=self._comm.group, async_op=True)
-        self._inflight.append((work, buf, list(layers), scale))
-        self._step_sumsq.zero_()
-
-    def _finish_inflight(self) -> None:
-        for work, buf, layers, scale in self._inflight:
-            work.wait()
-            local = self._step_sumsq
-            # the parent's observation formula applied to the rank mean of the step's squared norms
-            self._step_sumsq = buf.div_(self._comm.world_size).to(local.dtype)
-            try:
-                super().observe_step(layers, scale=scale)
-            finally:
-                self._step_sumsq = local
-        self._inflight = []
-
-    def period_mean(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self._finish_inflight()
-        return super().period_mean()
-
-    def end_period(self, ema: float) -> torch.Tensor:
-        self._finish_inflight()
-        # invariant: end_period runs in step() at the same step on every rank
-        self._comm.all_reduce_mean_(self._period_sum)
-        return super().end_period(ema)
-
-    def state_dict(self) -> dict[str, Any]:
-        self._finish_inflight()
-        return super().state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._finish_inflight()
-        super().load_state_dict(state)
-
-
-class _SyncedLayerSampler(LayerSampler):
-    """``LayerSampler`` whose draw is rank 0's: every rank advances its generator (so any rank's
-    ``state_dict`` is the same), then rank 0's layers are broadcast and used."""
-
-    def __init__(self, *args: Any, comm: GrassDistributed, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._comm = comm
-
-    def draw(self) -> list[int]:
-        return self._comm.broadcast_layers(super().draw())

@@ -1,0 +1,12 @@
+"""Data parallelism for ``GrassOptimizer``: the backend interface and its implementations.
+
+* :mod:`~grass_llm.distributed.base`: :class:`DataParallelBackend` (what the optimizer needs) and
+  :class:`LocalBackend` (one process);
+* :mod:`~grass_llm.distributed.replicated`: :class:`ReplicatedBackend`, the whole model on every
+  rank, only the active layers' gradients all-reduced (torch.distributed, no DDP).
+"""
+
+from grass_llm.distributed.base import DataParallelBackend, LocalBackend, resolve_backend
+from grass_llm.distributed.replicated import ReplicatedBackend
+
+__all__ = ["DataParallelBackend", "LocalBackend", "ReplicatedBackend", "resolve_backend"]

@@ -1,0 +1,137 @@
+"""What ``GrassOptimizer`` needs from data parallelism, and the single-process implementation.
+
+The optimizer is built with a backend and talks to it only through :class:`DataParallelBackend`.
+Its *units* are its param groups in order (decoder layer ``i`` is unit ``i``, then ``embeddings``,
+``norm``, ``head``), each given as the list of its trainable parameters. The calls, in the order
+the optimizer makes them:
+
+``attach(units)``
+    once, at construction, before anything else (install gradient hooks here).
+``set_trained(unit_ids)``
+    whenever the set of trained units changes; empty while probing.
+``no_sync()``
+    context around the backward passes of all micro-batches but the last of an optimizer step.
+``reduce_gradients(unit_ids)``
+    in ``step()``, before any gradient is read: afterwards every rank holds the gradient of the
+    global batch for these units (whole, or its shard of it).
+``local(tensor)``
+    the part of a parameter or gradient this rank holds (sharded backends: the local shard).
+``reduce_sumsq_(sumsq)``
+    in place: per-layer squared gradient norms as seen by this rank -> the global ones (for eq. 2).
+``broadcast_layers(layers)``
+    a draw -> the draw every rank uses.
+``owns(unit_id)``
+    whether this rank keeps the unit's optimizer state and steps it (ZeRO-1 style sharding).
+``broadcast_updates(unit_ids)``
+    after the owners stepped: every rank receives the new weights.
+``consolidate_state_dict(sd)``
+    the optimizer's state dict -> one that is complete and independent of the world size
+    (may be a collective: call ``state_dict()`` on every rank).
+``close()``
+    remove hooks; the optimizer is not stepped any more.
+
+Where a new backend goes: a module of this package implementing these calls (``replicated.py`` for
+torch.distributed data parallelism; ``fsdp2.py`` for FSDP2-sharded models), and a branch in
+:func:`resolve_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DataParallelBackend", "LocalBackend", "resolve_backend"]
+
+
+class DataParallelBackend:
+    """The interface (module docstring). The defaults are the single-process behaviour."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def attach(self, units: Sequence[Sequence[nn.Parameter]]) -> None:
+        """Called once by the optimizer with its units' trainable parameters."""
+
+    def set_trained(self, unit_ids: Collection[int]) -> None:
+        """The units trained from now on (empty while probing)."""
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Skip gradient synchronisation for the backward passes inside."""
+        yield
+
+    def reduce_gradients(self, unit_ids: Sequence[int]) -> None:
+        """Make the gradients of these units the global batch's on every rank."""
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of ``tensor`` this rank holds."""
+        return tensor
+
+    def reduce_sumsq_(self, sumsq: torch.Tensor) -> None:
+        """Per-layer squared gradient norms seen by this rank -> the global ones, in place."""
+
+    def broadcast_layers(self, layers: Sequence[int]) -> list[int]:
+        """The layers every rank trains."""
+        return list(layers)
+
+    def owns(self, unit_id: int) -> bool:
+        """Whether this rank keeps and steps the optimizer state of the unit."""
+        return True
+
+    def broadcast_updates(self, unit_ids: Sequence[int]) -> None:
+        """After the owners stepped these units: every rank holds their new weights."""
+
+    def consolidate_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """The optimizer's state dict, complete and independent of the world size."""
+        return sd
+
+    def close(self) -> None:
+        """Remove what ``attach`` installed."""
+
+
+class LocalBackend(DataParallelBackend):
+    """One process: every call is a no-op."""
+
+    def __repr__(self) -> str:
+        return "LocalBackend()"
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def resolve_backend(distributed: Any, model: nn.Module) -> DataParallelBackend:
+    """The ``distributed`` argument of ``GrassOptimizer`` -> a backend.
+
+    ``"auto"``: the replicated backend when ``torch.distributed`` is initialised with more than one
+    rank, else :class:`LocalBackend`. ``True``: the replicated backend (the process group must be
+    initialised). ``None``/``False``: :class:`LocalBackend`. A :class:`DataParallelBackend`: used.
+    """
+    if _is_ddp(model):
+        raise TypeError(
+            "GrassOptimizer got a DistributedDataParallel model. Pass the unwrapped model and do not wrap it "
+            "in DDP: GRASS all-reduces the gradients of the active layers itself (DDP would reduce every "
+            "layer and reads the gradients that the probing phase frees). See docs/distributed.md."
+        )
+    if isinstance(distributed, DataParallelBackend):
+        return distributed
+    if distributed is None or distributed is False:
+        return LocalBackend()
+    import torch.distributed as dist
+
+    initialized = dist.is_available() and dist.is_initialized()
+    if distributed is True or distributed == "auto":
+        if distributed is True and not initialized:
+            raise RuntimeError("distributed=True needs torch.distributed.init_process_group() first")
+        if initialized and (distributed is True or dist.get_world_size() > 1):
+            from grass_llm.distributed.replicated import ReplicatedBackend
+
+            return ReplicatedBackend()
+        return LocalBackend()
+    raise ValueError(
+        f"distributed={distributed!r} is invalid; allowed: 'auto', True, False, None or a DataParallelBackend"
+    )

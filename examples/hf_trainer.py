@@ -14,11 +14,12 @@ Three things to do:
 import tempfile
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from grass_llm import GrassConfig
 from grass_llm.data import builtin_sample, builtin_tokenizer, tokenize_records
 from grass_llm.integrations.hf import add_grass_callback, create_grass_optimizer_and_scheduler
+from grass_llm.recipes.models import tiny_llama
 
 torch.manual_seed(0)
 tokenizer = builtin_tokenizer()
@@ -37,17 +38,8 @@ def collate(rows):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-model = LlamaForCausalLM(
-    LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-)
+# a tiny random Llama (8 layers, hidden 64); with your own model: AutoModelForCausalLM.from_pretrained(...)
+model = tiny_llama(len(tokenizer), hidden_size=64, num_layers=8, pad_token_id=tokenizer.pad_token_id)
 
 args = TrainingArguments(
     output_dir=tempfile.mkdtemp(prefix="grass-hf-"),

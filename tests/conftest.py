@@ -14,7 +14,9 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("GRASS_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+# the shared data beside the checkout (CI and development); subprocesses inherit the variable
+os.environ.setdefault("GRASS_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ["GRASS_DATA_DIR"])
 
 
 @pytest.fixture(autouse=True)
@@ -34,20 +36,9 @@ def shared_data() -> Path:
 
 def make_tiny_llama(num_layers: int = 4, vocab: int = 64, hidden: int = 16, tie: bool = False, seed: int = 0):
     """A random Llama small enough for many CPU steps a second."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from grass_llm.recipes.models import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(vocab, hidden, num_layers, num_heads=2, max_positions=64, tie=tie, seed=seed)
 
 
 @pytest.fixture

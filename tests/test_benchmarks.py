@@ -87,7 +87,7 @@ def test_doc_commands_are_valid(doc: Path) -> None:
     if not doc.exists():
         pytest.skip(f"no {doc}")
     from grass_llm.cli import build_parser
-    from grass_llm.train_config import load_train_config
+    from grass_llm.recipes.train_config import load_train_config
 
     cmds = _doc_commands(doc)
     assert cmds, f"no commands found in {doc}"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grass_llm.train_config import load_train_config
+from grass_llm.recipes.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

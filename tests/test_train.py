@@ -11,8 +11,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from grass_llm.cli import main
-from grass_llm.runlog import read_log
-from grass_llm.train import find_latest_checkpoint
+from grass_llm.recipes.run_checkpoint import find_latest_checkpoint
+from grass_llm.recipes.runlog import read_log
 
 FAST = [
     "model=builtin:tiny",
@@ -47,10 +47,11 @@ def run(tmp_path, *overrides, name="run"):
 
 
 def _initial_tiny(seed=0):
-    from grass_llm.data import builtin_tokenizer
-    from grass_llm.train import _build_tiny_model
+    from grass_llm.recipes.finetune import _load_model_and_tokenizer
+    from grass_llm.recipes.train_config import TrainConfig
 
-    return _build_tiny_model(builtin_tokenizer(), 64, seed)
+    cfg = TrainConfig(model="builtin:tiny", max_length=64, seed=seed)
+    return _load_model_and_tokenizer(cfg, torch.float32, torch.device("cpu"))[0]
 
 
 def _final_state(out):
@@ -104,11 +105,12 @@ def test_grass_trains_only_sampled_layers_per_period(tmp_path, capsys):
     assert list((out / "tensorboard").iterdir())
 
 
-@pytest.mark.parametrize("method", ["grass-static", "lisa", "fft", "lora", "dora"])
+@pytest.mark.parametrize("method", ["grass-static", "lisa", "badam", "fft", "lora", "dora"])
 def test_every_method_runs_end_to_end(tmp_path, method):
     extra = {
         "grass-static": ["grass.probe_steps=1", "grass.period=2"],
         "lora": ["lora.rank=4", "lora.alpha=8"],
+        "badam": ["grass.active_layers=1"],  # the demo base sets 2
     }
     extra["dora"] = extra["lora"]
     rc, out = run(tmp_path, f"method={method}", "max_steps=2", *extra.get(method, []))
@@ -125,6 +127,10 @@ def test_every_method_runs_end_to_end(tmp_path, method):
         trained = {layer for r in log for layer in r["active_layers"]}
         assert len(trained) == 2  # 2 steps, period 10: one draw of 2 layers
         assert all(_layer_changed(init, final, i) == (i in trained) for i in range(8))
+    if method == "badam":  # one layer at a time, nothing else
+        trained = {layer for r in log for layer in r["active_layers"]}
+        assert len(trained) == 1 and all(_layer_changed(init, final, i) == (i in trained) for i in range(8))
+        assert "model.embed_tokens.weight" not in changed and "lm_head.weight" not in changed
     if method in ("lora", "dora"):
         cfg = json.loads((out / "final" / "adapter" / "adapter_config.json").read_text())
         assert cfg["r"] == 4 and cfg["use_dora"] == (method == "dora")
@@ -187,7 +193,7 @@ def test_bad_inputs_stop_before_training_with_exit_code_2(tmp_path, capsys):
 
 
 def test_print_config_and_help(capsys):
-    assert main(["train", "--print-config", "method=lisa", "lisa.period=5"]) == 0
+    assert main(["train", "--print-config", "method=lisa", "grass.period=5"]) == 0
     out = capsys.readouterr().out
     assert "method: lisa" in out and "period: 5" in out and "builtin:tiny" in out
     with pytest.raises(SystemExit) as exc:

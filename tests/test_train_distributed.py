@@ -80,7 +80,7 @@ def _log(run: Path) -> list[dict]:
 def runs(tmp_path_factory):
     """The same GRASS job (ZeRO-1 sharding, accumulation) on 2 ranks and on one process."""
     root = tmp_path_factory.mktemp("dist")
-    grass = [*COMMON, "grass.shard_optimizer_states=true", "save_every=10"]
+    grass = [*COMMON, "distributed.shard_optimizer_states=true", "save_every=10"]
     two = _run(root, [*grass, "batch_size=8", "grad_accum=2", "out_dir=two"], ranks=2)
     assert two.returncode == 0, two.stderr[-3000:]
     # one process, same rows per step: 2 ranks x 4 rows x 2 micro-batches == 1 x 4 rows x 4 micro-batches
@@ -119,7 +119,13 @@ def test_checkpoint_resumes_on_another_world_size(runs, tmp_path):
     """2 ranks -> 1 process -> 2 ranks (ZeRO-1 on, checkpoints mid-period) equals the uninterrupted 2-rank run:
     a sharded checkpoint is complete, and a one-process checkpoint loads into sharded ranks."""
     root, _ = runs
-    grass = [*COMMON, "grass.shard_optimizer_states=true", "save_every=10", "batch_size=8", "grad_accum=2"]
+    grass = [
+        *COMMON,
+        "distributed.shard_optimizer_states=true",
+        "save_every=10",
+        "batch_size=8",
+        "grad_accum=2",
+    ]
     ckpts = tmp_path / "r" / "checkpoints"
     first = _run(tmp_path, [*grass, "out_dir=r", "stop_at_step=13"], ranks=2)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -15,11 +15,14 @@ from collections.abc import Sequence
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": (
-        "grass_llm.train",
+        "grass_llm.recipes.finetune",
         "fine-tune a model with GRASS or a baseline (YAML config + key=value overrides)",
     ),
     "eval": ("grass_llm.evaluate", "evaluate a model on LLM-Adapters arithmetic / commonsense benchmarks"),
-    "memory": ("grass_llm.memory", "estimate peak device memory of one training step, without a GPU"),
+    "memory": (
+        "grass_llm.memory.estimate",
+        "estimate peak device memory of one training step, without a GPU",
+    ),
     "plot": ("grass_llm.plots", "draw layer-activity, MGN, probability and loss plots for a run directory"),
 }
 

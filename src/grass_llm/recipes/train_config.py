@@ -1,8 +1,15 @@
 """``TrainConfig``: every setting of ``grass-llm train``, with help text, validation and YAML loading.
 
-One dataclass with three nested sections (``grass``, ``lisa``, ``lora``). A config is built from
-defaults, then a YAML file, then ``key=value`` overrides; nested keys take dots
-(``grass.active_layers=4``). Unknown keys are an error that names the key and close matches.
+One dataclass with three sections: ``grass`` (a :class:`grass_llm.GrassConfig`, the single definition of
+every GRASS knob), ``lora`` and ``distributed``. A config is built from defaults, then a YAML file,
+then ``key=value`` overrides; nested keys take dots (``grass.active_layers=4``). Unknown keys are an
+error that names the key and close matches.
+
+The method (``grass_llm.recipes.methods``) decides the rest: a layer-wise method's ``grass`` settings
+are its preset (LISA: uniform policy, period 10, no probing, embeddings + head trained) overridden by
+the ``grass.*`` keys given, except the settings that define the method (its policy; LISA: no probing,
+embeddings and head trained), which the method sets; ``grass.max_grad_norm`` / ``grass.seed``
+follow from the top-level ``max_grad_norm`` / ``seed``.
 
 Method defaults follow the paper's Table 9 (TinyLlama, arithmetic reasoning): learning rate
 GRASS 3e-5, LISA 5e-5, LoRA / DoRA 1e-4, FFT 1e-5; batch size 8; GRASS gamma=2, Ts=25, Tp=150;
@@ -17,27 +24,28 @@ import dataclasses
 import difflib
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grass_llm.config import ConfigError, GrassConfig
+from grass_llm.recipes.methods import METHODS, get_method
+
 __all__ = [
     "DTYPES",
-    "METHODS",
     "SCHEDULES",
-    "GrassSection",
-    "LisaSection",
+    "DistributedSection",
     "LoraSection",
     "TrainConfig",
     "TrainConfigError",
     "load_train_config",
 ]
 
-METHODS = ("grass", "grass-static", "lisa", "fft", "lora", "dora")
 DTYPES = ("auto", "bf16", "fp32")
 SCHEDULES = ("linear", "cosine", "constant")
-#: Table 9 learning rates (TinyLlama, arithmetic reasoning).
-DEFAULT_LR = {"grass": 3e-5, "grass-static": 3e-5, "lisa": 5e-5, "fft": 1e-5, "lora": 1e-4, "dora": 1e-4}
+#: GrassConfig keys that follow from top-level keys (``policy`` follows from the method)
+_GRASS_FROM = {"max_grad_norm": "max_grad_norm", "seed": "seed"}
 
 
 class TrainConfigError(ValueError):
@@ -46,59 +54,6 @@ class TrainConfigError(ValueError):
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
-
-
-@dataclass
-class GrassSection:
-    """GRASS (and grass-static) settings; see ``grass_llm.GrassConfig`` for the full semantics."""
-
-    active_layers: int = field(default=2, metadata=_help("gamma: decoder layers trained at a time."))
-    period: int = field(default=25, metadata=_help("Ts: optimizer steps between two layer draws."))
-    probe_steps: int = field(
-        default=150, metadata=_help("Tp: probing steps at the start (MGN only, no weight update).")
-    )
-    temperature: float = field(default=1.0, metadata=_help("tau of softmax(MGN / mean(MGN) / tau)."))
-    ema: float = field(default=0.5, metadata=_help("alpha: weight of the newest MGN in the EMA (eq. 4)."))
-    train_embeddings: bool = field(default=False, metadata=_help("Always train the input embeddings."))
-    train_head: bool = field(default=False, metadata=_help("Always train the output head."))
-    train_norm: bool = field(default=False, metadata=_help("Always train the final norm."))
-    offload: Any = field(
-        default="auto",
-        metadata=_help(
-            "Layer-wise optimizer-state offloading to host memory: auto (on for CUDA), true, false."
-        ),
-    )
-    overlap: bool = field(
-        default=True,
-        metadata=_help("With offload on CUDA: state copies on a side stream, next layer prefetched."),
-    )
-    fp32_optimizer_states: bool = field(
-        default=False, metadata=_help("fp32 AdamW moments for bf16 weights (host memory with offload).")
-    )
-    fp32_master_weights: bool = field(
-        default=False, metadata=_help("fp32 master copy of the trained weights (host memory with offload).")
-    )
-    step_in_backward: bool = field(
-        default=False,
-        metadata=_help(
-            "Update each trained layer from a gradient-ready hook during backward (needs max_grad_norm=null)."
-        ),
-    )
-    shard_optimizer_states: bool = field(
-        default=False,
-        metadata=_help(
-            "Under torchrun with several processes: each rank keeps the AdamW states of a share of the "
-            "layers (ZeRO-1) and broadcasts their updated weights."
-        ),
-    )
-
-
-@dataclass
-class LisaSection:
-    """LISA: uniform layer sampling, embeddings and head always trained, no probing."""
-
-    active_layers: int = field(default=2, metadata=_help("gamma: decoder layers trained at a time."))
-    period: int = field(default=10, metadata=_help("Sampling period in optimizer steps."))
 
 
 @dataclass
@@ -124,6 +79,19 @@ class LoraSection:
 
 
 @dataclass
+class DistributedSection:
+    """Several processes (``torchrun`` / ``accelerate launch``)."""
+
+    shard_optimizer_states: bool = field(
+        default=False,
+        metadata=_help(
+            "Layer-wise methods: each rank keeps the AdamW states of a share of the units (ZeRO-1) and "
+            "broadcasts their updated weights."
+        ),
+    )
+
+
+@dataclass
 class TrainConfig:
     """Settings of ``grass-llm train``. Every field's help text is in ``metadata["help"]``."""
 
@@ -134,7 +102,14 @@ class TrainConfig:
             "with the built-in tokenizer (no download)."
         ),
     )
-    method: str = field(default="grass", metadata=_help(f"Fine-tuning method: {', '.join(METHODS)}."))
+    method: str = field(
+        default="grass",
+        metadata=_help(
+            "Fine-tuning method: "
+            + "; ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
+            + ". See grass_llm.recipes.methods."
+        ),
+    )
     dtype: str = field(
         default="auto", metadata=_help("Weight dtype: bf16, fp32, or auto (bf16 on a CUDA GPU that has it).")
     )
@@ -149,7 +124,7 @@ class TrainConfig:
         default=None,
         metadata=_help(
             "Directory that a relative `data` path is resolved against when it does not exist as given "
-            "(default: $GRASS_DATA_DIR, else the shared data root)."
+            "(default: $GRASS_DATA_DIR)."
         ),
     )
     max_length: int = field(default=256, metadata=_help("Token cutoff per example (or per packed row)."))
@@ -172,7 +147,10 @@ class TrainConfig:
     )
     lr: float | None = field(
         default=None,
-        metadata=_help("Peak learning rate. Default per method (Table 9): " + str(DEFAULT_LR)),
+        metadata=_help(
+            "Peak learning rate. Default per method (Table 9): "
+            + ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values())
+        ),
     )
     warmup: float = field(
         default=100,
@@ -216,21 +194,53 @@ class TrainConfig:
     )
     tensorboard: bool = field(default=True, metadata=_help("Mirror the log to TensorBoard (out_dir/tb)."))
     plots: bool = field(default=True, metadata=_help("Draw the run's plots at the end."))
-    grass: GrassSection = field(default_factory=GrassSection, metadata=_help("GRASS settings."))
-    lisa: LisaSection = field(default_factory=LisaSection, metadata=_help("LISA settings."))
+    grass: GrassConfig = field(
+        default_factory=dict,  # type: ignore[assignment]  # resolved into a GrassConfig in __post_init__
+        metadata=_help("GRASS settings of the layer-wise methods (grass_llm.GrassConfig)."),
+    )
     lora: LoraSection = field(default_factory=LoraSection, metadata=_help("LoRA / DoRA settings."))
+    distributed: DistributedSection = field(
+        default_factory=DistributedSection, metadata=_help("Several processes.")
+    )
 
     def __post_init__(self) -> None:
-        for name, cls in (("grass", GrassSection), ("lisa", LisaSection), ("lora", LoraSection)):
+        for name, cls in (("lora", LoraSection), ("distributed", DistributedSection)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, _build(cls, getattr(self, name), prefix=f"{name}."))
+        _choice("method", self.method, tuple(METHODS))
+        self.grass = self._resolve_grass(self.grass)
         self.validate()
+
+    def _resolve_grass(self, given: GrassConfig | dict[str, Any]) -> GrassConfig:
+        """The method's defaults, the keys given (a ``GrassConfig`` counts as complete), then the
+        method's defining settings."""
+        values = given.to_dict() if isinstance(given, GrassConfig) else dict(given)
+        for key, source in _GRASS_FROM.items():
+            if key in values and values[key] != getattr(self, source):
+                raise TrainConfigError(
+                    f"grass.{key}={values[key]!r} conflicts with {source}={getattr(self, source)!r}: "
+                    f"grass.{key} follows from {source}; set {source} instead"
+                )
+        method = get_method(self.method)
+        for key, value in method.grass_fixed.items():
+            if key in values and values[key] != value:
+                warnings.warn(
+                    f"method={self.method} sets grass.{key}={value!r} (given: {values[key]!r})",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        values = {**(method.grass or {}), **values, **method.grass_fixed}
+        values.update(max_grad_norm=self.max_grad_norm, seed=self.seed)
+        try:
+            return GrassConfig(**values)
+        except ConfigError as e:
+            raise TrainConfigError(f"grass.{e}") from None
 
     # -- derived values ---------------------------------------------------------------------------
     @property
     def learning_rate(self) -> float:
         """``lr``, or the method's Table 9 default."""
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        return self.lr if self.lr is not None else get_method(self.method).default_lr
 
     @property
     def run_dir(self) -> Path:
@@ -238,54 +248,16 @@ class TrainConfig:
 
     @property
     def layer_wise(self) -> bool:
-        return self.method in ("grass", "grass-static", "lisa")
-
-    def grass_config(self):
-        """The ``GrassConfig`` of a layer-wise method (grass, grass-static, lisa)."""
-        from grass_llm.config import GrassConfig
-
-        clip = self.max_grad_norm
-        if self.method == "lisa":
-            return GrassConfig(
-                active_layers=self.lisa.active_layers,
-                period=self.lisa.period,
-                probe_steps=0,
-                policy="uniform",
-                train_embeddings=True,
-                train_head=True,
-                max_grad_norm=clip,
-                seed=self.seed,
-            )
-        if self.method not in ("grass", "grass-static"):
-            raise TrainConfigError(f"method={self.method!r} has no GrassConfig")
-        g = self.grass
-        return GrassConfig(
-            active_layers=g.active_layers,
-            period=g.period,
-            probe_steps=g.probe_steps,
-            temperature=g.temperature,
-            ema=g.ema,
-            policy="grass" if self.method == "grass" else "static",
-            train_embeddings=g.train_embeddings,
-            train_head=g.train_head,
-            train_norm=g.train_norm,
-            max_grad_norm=clip,
-            offload=g.offload,
-            overlap=g.overlap,
-            fp32_optimizer_states=g.fp32_optimizer_states,
-            fp32_master_weights=g.fp32_master_weights,
-            step_in_backward=g.step_in_backward,
-            seed=self.seed,
-        )
+        return get_method(self.method).layer_wise
 
     @property
     def probe_steps(self) -> int:
-        return self.grass.probe_steps if self.method in ("grass", "grass-static") else 0
+        return self.grass.probe_steps if self.layer_wise else 0
 
     # -- validation -------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``TrainConfigError`` naming the first bad key and what is allowed."""
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, tuple(METHODS))
         _choice("dtype", self.dtype, DTYPES)
         _choice("schedule", self.schedule, SCHEDULES)
         for name in ("model", "data"):
@@ -317,29 +289,7 @@ class TrainConfig:
             _bool(name, getattr(self, name))
         _bool("tensorboard", self.tensorboard)
         _bool("plots", self.plots)
-        g = self.grass
-        _int("grass.active_layers", g.active_layers, 1)
-        _int("grass.period", g.period, 1)
-        _int("grass.probe_steps", g.probe_steps, 0)
-        _positive("grass.temperature", g.temperature)
-        _positive("grass.ema", g.ema)
-        if g.ema > 1:
-            raise TrainConfigError(f"grass.ema={g.ema!r} is invalid; allowed: a float in (0, 1]")
-        for name in (
-            "train_embeddings",
-            "train_head",
-            "train_norm",
-            "overlap",
-            "fp32_optimizer_states",
-            "fp32_master_weights",
-            "step_in_backward",
-            "shard_optimizer_states",
-        ):
-            _bool(f"grass.{name}", getattr(g, name))
-        if not (g.offload == "auto" or isinstance(g.offload, bool)):
-            raise TrainConfigError(f"grass.offload={g.offload!r} is invalid; allowed: auto, true, false")
-        _int("lisa.active_layers", self.lisa.active_layers, 1)
-        _int("lisa.period", self.lisa.period, 1)
+        _bool("distributed.shard_optimizer_states", self.distributed.shard_optimizer_states)
         lo = self.lora
         _int("lora.rank", lo.rank, 1)
         _positive("lora.alpha", lo.alpha)
@@ -462,7 +412,8 @@ def _section_class(tp: Any) -> type | None:
     return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str, construct: bool = True) -> Any:
+    """``cls(**data)`` with every value coerced to its field's type (``construct=False``: the dict)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
@@ -471,6 +422,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             full = prefix + key
             known = TrainConfig.keys()
             close = difflib.get_close_matches(full, known, n=3, cutoff=0.6)
+            if full.startswith("lisa."):  # the section of earlier versions
+                close = [f"grass.{full[5:]}"]
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise TrainConfigError(
                 f"unknown config key {full!r}{hint} (run `grass-llm train -h` for the list)"
@@ -481,10 +434,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
                 raise TrainConfigError(
                     f"{prefix}{key} is a section; set its keys, e.g. {prefix}{key}.<name>=..."
                 )
-            kwargs[key] = _build(sub, value, prefix=f"{prefix}{key}.")
+            kwargs[key] = _build(sub, value, prefix=f"{prefix}{key}.", construct=sub is not GrassConfig)
         else:
             kwargs[key] = _coerce(prefix + key, value, hints[key])
-    return cls(**kwargs)
+    return cls(**kwargs) if construct else kwargs
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:

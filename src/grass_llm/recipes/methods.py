@@ -1,0 +1,248 @@
+"""The fine-tuning methods, one registry entry each: how a method builds (model, optimizer), what it
+trains, which parameters its checkpoints hold, and how its final model is saved.
+
+``grass-llm train``, ``grass-llm memory`` and the benchmarks all build a method through
+:func:`build_method`, so "LoRA r=128" or "LISA" means one thing everywhere, and the memory
+estimate steps exactly what training would run.
+
+Built in:
+
+* ``grass``: ``GrassOptimizer`` with the paper's adaptive policy (probing, MGN softmax, EMA);
+* ``grass-static``: GRASS*, probabilities fixed after probing;
+* ``lisa``: uniform sampling, no probing, embeddings and head always trained, period 10 (LISA);
+* ``badam``: block coordinate descent in BAdam's style: one layer at a time in a random order per
+  cycle, switched every 50 steps, its AdamW state reset at each switch;
+* ``fft``: ``torch.optim.AdamW`` over every parameter;
+* ``lora`` / ``dora``: peft adapters, ``torch.optim.AdamW`` over them.
+
+Where a new baseline goes: one :class:`Method` passed to :func:`register_method`. A layer-wise
+method is a ``GrassConfig`` preset (with a new sampling policy in ``grass_llm.sampling`` if it needs
+one); any other method gives its own ``build``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from grass_llm.distributed.base import DataParallelBackend
+    from grass_llm.recipes.train_config import TrainConfig
+
+__all__ = ["METHODS", "Method", "MethodError", "build_method", "get_method", "register_method", "wrap_lora"]
+
+
+class MethodError(ValueError):
+    """A method cannot be built with the given settings; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method.
+
+    Attributes:
+        name: the ``method`` key of ``grass-llm train``.
+        summary: one line for ``--help`` and docs.
+        trains: what the method updates.
+        default_lr: learning rate when ``lr`` is not set (the paper's Table 9 for TinyLlama arithmetic).
+        grass: for layer-wise methods, the ``GrassConfig`` defaults of the method (``grass.*`` keys
+            given in the config override them); ``None`` for other methods.
+        grass_fixed: the settings that define the method (its sampling policy; LISA: no probing,
+            embeddings and head trained). They win over any ``grass.*`` value given, with a warning.
+        build: ``(model, cfg, backend) -> (model, optimizer)``; may wrap the model (peft). ``None``
+            for layer-wise methods, which all build a ``GrassOptimizer`` from ``cfg.grass``.
+        adapters_only: checkpoints hold only the trainable parameters (adapters), not the model.
+        save_final: ``(model, final_dir, cfg) -> (directory to load, description)``.
+    """
+
+    name: str
+    summary: str
+    trains: str
+    default_lr: float
+    grass: dict[str, Any] | None = None
+    grass_fixed: dict[str, Any] = field(default_factory=dict)
+    build: Callable[..., tuple[nn.Module, torch.optim.Optimizer]] | None = None
+    adapters_only: bool = False
+    save_final: Callable[[nn.Module, Path, Any], tuple[Path, str]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer_wise(self) -> bool:
+        """Built on ``GrassOptimizer`` (trains sampled decoder layers, synchronises itself)."""
+        return self.grass is not None
+
+
+#: name -> Method, in registration order.
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS` (``grass-llm train method=<name>``); returns it."""
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    if (method.grass is None) == (method.build is None):
+        raise ValueError(f"method {method.name!r}: give exactly one of grass (layer-wise) and build")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; ``MethodError`` lists the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodError(f"method={name!r} is unknown; allowed: {', '.join(METHODS)}") from None
+
+
+def build_method(
+    model: nn.Module, cfg: TrainConfig, backend: DataParallelBackend | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``(model, optimizer)`` for ``cfg.method``; the model may come back wrapped (peft)."""
+    method = get_method(cfg.method)
+    if method.layer_wise:
+        from grass_llm.config import ConfigError
+        from grass_llm.optim import GrassOptimizer
+
+        try:
+            opt = GrassOptimizer(
+                model, cfg.grass, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, distributed=backend
+            )
+        except ConfigError as e:
+            raise MethodError(f"grass.{e}") from None
+        return model, opt
+    return method.build(model, cfg, backend)
+
+
+# ------------------------------------------------------------------------------------------------
+# builders
+def _adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _build_fft(model: nn.Module, cfg: TrainConfig, backend: Any = None):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, _adamw(list(model.parameters()), cfg)
+
+
+def wrap_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    dropout: float = 0.0,
+    use_dora: bool = False,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """peft LoRA / DoRA adapters on ``target_modules``, cast to ``dtype`` (default: the model's)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        lora_dropout=dropout,
+        use_dora=use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        # autocast_adapter_dtype=False keeps the adapters in the model dtype; cast explicitly below
+        model = get_peft_model(model, peft_cfg, autocast_adapter_dtype=False)
+    except ValueError as e:
+        raise MethodError(f"lora.target_modules={list(target_modules)!r}: {e}") from None
+    if dtype is not None:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model
+
+
+def _build_lora(model: nn.Module, cfg: TrainConfig, backend: Any = None):
+    lo = cfg.lora
+    model_dtype = next(model.parameters()).dtype
+    dtype = {"model": model_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[lo.dtype]
+    model = wrap_lora(model, lo.rank, lo.alpha, lo.target_modules, lo.dropout, cfg.method == "dora", dtype)
+    return model, _adamw([p for p in model.parameters() if p.requires_grad], cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# final models
+def _save_full(model: nn.Module, final: Path, cfg: Any) -> tuple[Path, str]:
+    model.save_pretrained(final)
+    return final, "full model + tokenizer"
+
+
+def _save_adapter(model: nn.Module, final: Path, cfg: Any) -> tuple[Path, str]:
+    model.save_pretrained(final / "adapter")
+    if cfg.lora.merge:
+        model.merge_and_unload().save_pretrained(final)
+        return final, f"merged {cfg.method} model + tokenizer; adapter alone in {final / 'adapter'}"
+    return final / "adapter", f"{cfg.method} adapter + tokenizer (load on top of {cfg.model})"
+
+
+for _method in (
+    Method(
+        "grass",
+        "GRASS: layers sampled by their mean gradient norm (probing, softmax, EMA)",
+        "gamma sampled decoder layers (+ groups switched on in grass.train_*)",
+        3e-5,
+        grass={},
+        grass_fixed={"policy": "grass"},
+        save_final=_save_full,
+    ),
+    Method(
+        "grass-static",
+        "GRASS*: probabilities fixed after probing",
+        "gamma sampled decoder layers (+ groups switched on in grass.train_*)",
+        3e-5,
+        grass={},
+        grass_fixed={"policy": "static"},
+        save_final=_save_full,
+    ),
+    Method(
+        "lisa",
+        "LISA: uniform layer sampling, embeddings and head always trained",
+        "gamma uniformly sampled decoder layers + embeddings + head",
+        5e-5,
+        grass={"period": 10},
+        grass_fixed={"policy": "uniform", "probe_steps": 0, "train_embeddings": True, "train_head": True},
+        save_final=_save_full,
+    ),
+    Method(
+        "badam",
+        "BAdam-style block coordinate descent: one layer at a time, random order per cycle",
+        "one decoder layer at a time, every layer once per cycle, AdamW state reset at each switch",
+        1e-5,
+        grass={"active_layers": 1, "period": 50},
+        grass_fixed={"policy": "cyclic", "probe_steps": 0, "on_reactivation": "reset"},
+        save_final=_save_full,
+    ),
+    Method(
+        "fft", "full fine-tuning with AdamW", "every parameter", 1e-5, build=_build_fft, save_final=_save_full
+    ),
+    Method(
+        "lora",
+        "LoRA adapters (peft)",
+        "low-rank adapters on lora.target_modules",
+        1e-4,
+        build=_build_lora,
+        adapters_only=True,
+        save_final=_save_adapter,
+    ),
+    Method(
+        "dora",
+        "DoRA adapters (peft)",
+        "weight-decomposed low-rank adapters on lora.target_modules",
+        1e-4,
+        build=_build_lora,
+        adapters_only=True,
+        save_final=_save_adapter,
+    ),
+):
+    register_method(_method)

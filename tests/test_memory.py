@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from grass_llm import memory as M
+from grass_llm.memory import estimate as M
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -182,7 +182,7 @@ def test_cli_table_and_json(tiny_json, tmp_path, capsys):
 @pytest.mark.skipif(
     any(
         importlib.util.find_spec(m) is None
-        for m in ("grass_llm.train", "grass_llm.evaluate", "grass_llm.plots")
+        for m in ("grass_llm.recipes.finetune", "grass_llm.evaluate", "grass_llm.plots")
     ),
     reason="grass_llm.cli imports every subcommand module; some are not written yet",
 )

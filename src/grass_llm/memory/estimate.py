@@ -19,9 +19,9 @@ baseline):
   the device), steps it, sends the states back and frees that layer's gradients.
 * ``lisa`` (gamma): the same active layers plus embeddings, final norm and head trained; all their
   AdamW states stay on the device (no offload).
-* ``lora`` / ``dora`` (rank r, alpha 2r): peft adapters on every linear projection of the decoder
-  blocks (q, k, v, o, gate, up, down), no dropout; adapters in ``adapter_dtype`` (bf16 by default,
-  as in the paper; peft's own default is fp32 adapters, ``adapter_dtype="fp32"``).
+* ``lora`` / ``dora`` (rank r, alpha 2r): peft adapters on ``grass-llm train``'s default target
+  modules (q, k, v, up, down projections, LLM-Adapters'), no dropout; adapters in ``adapter_dtype``
+  (bf16 by default, as in the paper; peft's own default is fp32 adapters, ``adapter_dtype="fp32"``).
 
 The AdamW update is written out in torch ops with the allocation pattern of
 ``torch.optim.AdamW``: ``optimizer_impl="fused"`` (the default: ``torch._fused_adamw_``, no
@@ -43,24 +43,20 @@ import dataclasses
 import json
 import math
 import sys
-import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
+
+from grass_llm.memory.tracker import ALLOCATOR_ROUND, CATEGORIES, LiveBytesTracker
 
 __all__ = [
     "CATEGORIES",
     "METHODS",
     "OPTIMIZER_IMPLS",
-    "LiveBytesTracker",
     "MemoryEstimate",
     "MemoryEstimateError",
     "add_cli_arguments",
@@ -75,8 +71,6 @@ __all__ = [
 METHODS = ("grass", "lisa", "fft", "lora", "dora")
 #: How the AdamW update allocates its temporaries (see the module docstring).
 OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")
-#: Memory categories of the breakdown, in report order.
-CATEGORIES = ("weights", "gradients", "optimizer_states", "activations")
 _CATEGORY_LABELS = {
     "weights": "weights",
     "gradients": "gradients",
@@ -84,138 +78,10 @@ _CATEGORY_LABELS = {
     "activations": "activations + temporaries",
 }
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_ALLOCATOR_ROUND = 512  # bytes: the CUDA caching allocator rounds every block up to a multiple of this
 
 
 class MemoryEstimateError(ValueError):
     """An argument of the estimator is invalid. The message names it and what is allowed."""
-
-
-# ---------------------------------------------------------------------------------------------
-# live-bytes tracking
-# ---------------------------------------------------------------------------------------------
-
-
-class _Entry:
-    __slots__ = ("__weakref__", "category", "nbytes")
-
-    def __init__(self, nbytes: int, category: str):
-        self.nbytes = nbytes
-        self.category = category
-
-
-class LiveBytesTracker(TorchDispatchMode):
-    """Counts the bytes of live tensor storages and records the peak and its breakdown.
-
-    Every output of every op dispatched while the mode is active is tracked through its untyped
-    storage (views share their base's storage and are counted once); a weakref callback subtracts
-    the bytes when the storage dies. Tensors created before the mode was entered (the weights) are
-    added with :meth:`track`. The category of a storage can be changed later with :meth:`retag`
-    (a gradient is produced as an ordinary backward output and retagged when it is accumulated);
-    the breakdown of the peak uses the final category of each storage that was live at the peak.
-
-    Works with real tensors and with fake tensors alike.
-    """
-
-    def __init__(self, round_to: int = _ALLOCATOR_ROUND):
-        super().__init__()
-        if round_to < 1:
-            raise MemoryEstimateError(f"round_to={round_to!r} is invalid; allowed: an integer >= 1")
-        self.round_to = int(round_to)
-        self.category = "activations"
-        self.current = 0
-        self.peak = 0
-        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._refs: dict[int, weakref.ref] = {}
-        self._live: dict[int, _Entry] = {}
-        self._peak_pending = False
-        self._peak_entries: list[_Entry] = []
-
-    # -- public ---------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def tagging(self, category: str):
-        """Tag the storages allocated inside the block with ``category``."""
-        if category not in CATEGORIES:
-            raise MemoryEstimateError(f"category={category!r} is invalid; allowed: {', '.join(CATEGORIES)}")
-        previous, self.category = self.category, category
-        try:
-            yield
-        finally:
-            self.category = previous
-
-    def track(self, tensors: Iterable[torch.Tensor] | torch.Tensor, category: str) -> None:
-        """Count tensors created outside the mode (weights, buffers) under ``category``."""
-        if isinstance(tensors, torch.Tensor):
-            tensors = [tensors]
-        for t in tensors:
-            self._add(t, category, retag=True)
-
-    def retag(self, tensor: torch.Tensor, category: str) -> None:
-        """Move the storage of ``tensor`` to ``category`` (tracking it if it is not yet)."""
-        self._add(tensor, category, retag=True)
-
-    def peak_breakdown(self) -> dict[str, int]:
-        """Bytes per category of the storages live at the peak."""
-        self._snapshot_if_pending()
-        out = dict.fromkeys(CATEGORIES, 0)
-        for e in self._peak_entries:
-            out[e.category] += e.nbytes
-        return out
-
-    def current_breakdown(self) -> dict[str, int]:
-        """Bytes per category of the storages live now."""
-        out = dict.fromkeys(CATEGORIES, 0)
-        for e in self._live.values():
-            out[e.category] += e.nbytes
-        return out
-
-    # -- dispatch -------------------------------------------------------------------------------
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._add(t, self.category, retag=False)
-        return out
-
-    # -- bookkeeping ----------------------------------------------------------------------------
-    def _add(self, t: torch.Tensor, category: str, retag: bool) -> None:
-        try:
-            st = t.untyped_storage()
-        except (NotImplementedError, RuntimeError):  # sparse / nested tensors: no single storage
-            return
-        entry = self._entries.get(st)
-        if entry is not None:
-            if retag:
-                entry.category = category
-            return
-        nbytes = st.nbytes()
-        nbytes = -(-nbytes // self.round_to) * self.round_to
-        entry = _Entry(nbytes, category)
-        self._entries[st] = entry
-        key = id(entry)
-        self._refs[key] = weakref.ref(st, partial(self._on_free, key))
-        self._live[key] = entry
-        self.current += nbytes
-        if self.current > self.peak:
-            self.peak = self.current
-            self._peak_pending = True
-
-    def _on_free(self, key: int, _ref: weakref.ref) -> None:
-        entry = self._live.get(key)
-        if entry is None:
-            return
-        self._snapshot_if_pending()
-        del self._live[key]
-        self._refs.pop(key, None)
-        self.current -= entry.nbytes
-
-    def _snapshot_if_pending(self) -> None:
-        # The live set is copied only at a local maximum (just before the first free after a new
-        # peak), not at every allocation that raises the peak.
-        if self._peak_pending and self.current == self.peak:
-            self._peak_entries = list(self._live.values())
-        self._peak_pending = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +371,7 @@ class _StepRunner:
 
 
 def _plan_method(model, method: str, active: Sequence[int]) -> tuple[nn.Module, _Plan]:
-    from .layers import discover_layers
+    from grass_llm.layers import discover_layers
 
     if method in ("lora", "dora"):
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -529,23 +395,13 @@ def _plan_method(model, method: str, active: Sequence[int]) -> tuple[nn.Module, 
 
 
 def _apply_peft(model, method: str, rank: int, adapter_dtype: torch.dtype):
-    from peft import LoraConfig, get_peft_model
+    """LoRA / DoRA as ``grass-llm train`` builds it (its default target modules), alpha = 2r, no dropout."""
+    from grass_llm.recipes.methods import wrap_lora
+    from grass_llm.recipes.train_config import LoraSection
 
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    targets = [t for t in _LORA_TARGETS if t in names] or "all-linear"
-    cfg = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules=targets,
-        lora_dropout=0.0,
-        use_dora=(method == "dora"),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, cfg, autocast_adapter_dtype=False)
+    targets = LoraSection().target_modules
+    model = wrap_lora(model, rank, 2 * rank, targets, 0.0, method == "dora", adapter_dtype)
     for n, p in model.named_parameters():
-        if p.requires_grad and p.dtype != adapter_dtype:
-            p.data = p.data.to(adapter_dtype)
         if "lora_" not in n and p.requires_grad:
             p.requires_grad_(False)
     return model
@@ -633,7 +489,7 @@ def estimate_memory(
     optimizer_impl: str = "fused",
     steps: int = 2,
     fake: bool = True,
-    round_to: int = _ALLOCATOR_ROUND,
+    round_to: int = ALLOCATOR_ROUND,
 ) -> MemoryEstimate:
     """Estimate the peak device memory of a training step of ``model`` with ``method``.
 

@@ -62,10 +62,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import REPO_ROOT, clip, command_line, count_params, hardware, hardware_lines, make_method
+from common import (
+    REPO_ROOT,
+    clip,
+    command_line,
+    count_params,
+    hardware,
+    hardware_lines,
+    make_method,
+    write_results,
+)
 
 from grass_llm.data import default_data_dir, format_prompt
-from grass_llm.evaluate import NUMBER_TOLERANCE, extract_response
+from grass_llm.evaluate import NUMBER_TOLERANCE, extract_response, greedy_generate
 
 try:  # the shipped LLM-Adapters extraction rule
     from grass_llm.evaluate import extract_number
@@ -299,24 +308,21 @@ def collate(items: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]
 # ------------------------------------------------------------------------------------------------
 # model, pretraining
 def build_model(s: Settings, vocab: int, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from grass_llm.recipes.models import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=s.hidden,
-        intermediate_size=s.intermediate,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-        num_key_value_heads=s.heads,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
+    return tiny_llama(
+        vocab,
+        s.hidden,
+        s.layers,
+        s.intermediate,
+        s.heads,
+        max_positions=256,
+        seed=seed,
         pad_token_id=WordTokenizer.PAD,
         eos_token_id=WordTokenizer.EOS,
         bos_token_id=WordTokenizer.EOS,
         use_cache=False,
     )
-    return LlamaForCausalLM(cfg)
 
 
 def lr_factor(t: int, total: int, warmup: int) -> float:
@@ -399,38 +405,20 @@ def last_number(response: str) -> float | None:
 
 @torch.no_grad()
 def evaluate(model, tok: WordTokenizer, records: list[dict], max_new_tokens: int, batch: int = 100) -> dict:
-    """Greedy decoding (KV cache, left padding); LLM-Adapters' last-number rule."""
-    model.eval()
+    """Greedy decoding (``grass_llm.evaluate.greedy_generate``); LLM-Adapters' last-number rule."""
     correct, by_kind, samples = 0, collections.defaultdict(lambda: [0, 0]), []
-    for i in range(0, len(records), batch):
-        chunk = records[i : i + batch]
-        prompts = [tok.encode(format_prompt(r, with_response=False)) for r in chunk]
-        n = max(map(len, prompts))
-        ids = torch.full((len(chunk), n), tok.PAD)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, n - len(p) :] = torch.tensor(p)
-            mask[j, n - len(p) :] = 1
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.PAD,
-            eos_token_id=tok.EOS,
-            use_cache=True,
-        )
-        for j, rec in enumerate(chunk):
-            text = format_prompt(rec, with_response=False) + tok.decode(out[j, n:].tolist())
-            response = extract_response(text)
-            pred = last_number(response)
-            ok = pred is not None and abs(pred - float(rec["answer"])) <= NUMBER_TOLERANCE
-            correct += ok
-            by_kind[rec["kind"]][0] += ok
-            by_kind[rec["kind"]][1] += 1
-            if len(samples) < 3:
-                samples.append({"question": rec["instruction"], "response": response, "gold": rec["answer"]})
-    model.train()
+    prompts = [tok.encode(format_prompt(r, with_response=False)) for r in records]
+    outputs = greedy_generate(model, prompts, tok.PAD, tok.EOS, max_new_tokens, batch)
+    for rec, new in zip(records, outputs):
+        text = format_prompt(rec, with_response=False) + tok.decode(new)
+        response = extract_response(text)
+        pred = last_number(response)
+        ok = pred is not None and abs(pred - float(rec["answer"])) <= NUMBER_TOLERANCE
+        correct += ok
+        by_kind[rec["kind"]][0] += ok
+        by_kind[rec["kind"]][1] += 1
+        if len(samples) < 3:
+            samples.append({"question": rec["instruction"], "response": response, "gold": rec["answer"]})
     return {
         "accuracy": 100.0 * correct / len(records),
         "by_kind": {k: 100.0 * c / n for k, (c, n) in sorted(by_kind.items())},
@@ -441,27 +429,12 @@ def evaluate(model, tok: WordTokenizer, records: list[dict], max_new_tokens: int
 @torch.no_grad()
 def facts_accuracy(model, tok: WordTokenizer) -> float:
     """Share of the pretraining arithmetic facts the model completes correctly (greedy, 3 tokens)."""
-    model.eval()
     prompts = [tok.encode(f.split("=")[0] + "=") for f in FACTS]
-    n = max(map(len, prompts))
-    ids = torch.full((len(prompts), n), tok.PAD)
-    mask = torch.zeros_like(ids)
-    for j, p in enumerate(prompts):
-        ids[j, n - len(p) :] = torch.tensor(p)
-        mask[j, n - len(p) :] = 1
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=3,
-        do_sample=False,
-        pad_token_id=tok.PAD,
-        eos_token_id=-1,
-    )
+    outputs = greedy_generate(model, prompts, tok.PAD, None, 3, len(prompts))  # no EOS: 3 tokens each
     correct = 0
-    for j, f in enumerate(FACTS):
-        got = re.match(r"\s*\d+", tok.decode(out[j, n:].tolist()) + " ")
+    for f, new in zip(FACTS, outputs):
+        got = re.match(r"\s*\d+", tok.decode(new) + " ")
         correct += got is not None and int(got.group()) == int(f.split("=")[1])
-    model.train()
     return 100.0 * correct / len(FACTS)
 
 
@@ -478,19 +451,12 @@ def finetune(
     base, extra = ABLATIONS.get(method, (method, {}))
     extra = dict(extra)
     period = s.lisa_period if extra.pop("period", None) == "lisa" else s.period
-    model, opt = make_method(
-        base,
-        model,
-        lr,
-        **extra,
-        active_layers=2,
-        period=period,
-        lisa_period=s.lisa_period,
-        probe_steps=s.probe,
-        lora_rank=s.lora_rank,
-        max_grad_norm=1.0,
-        seed=seed,
-    )
+    grass = {"active_layers": 2, **extra}
+    if base in ("grass", "grass-static"):
+        grass.update(period=period, probe_steps=s.probe)
+    elif base == "lisa":
+        grass.update(period=s.lisa_period)
+    model, opt = make_method(base, model, lr, lora_rank=s.lora_rank, max_grad_norm=1.0, seed=seed, **grass)
     model.train()
     encoded = [encode_task(tok, r) for r in train]
     order = list(range(len(encoded)))
@@ -568,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep == "none":
         s.sweep = (1.0,)
     s.sweep_methods = args.sweep
-    data_dir = args.data_dir or default_data_dir()
+    data_dir = args.data_dir or default_data_dir() or REPO_ROOT.parent / "shared" / "data"
     t_start = time.perf_counter()
     hw = hardware(torch.device("cpu"))
 
@@ -628,10 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - t_start,
         "smoke": args.smoke,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     md = render(result)
-    (args.out / "accuracy.md").write_text(md)
+    write_results(args.out, "accuracy", result, md)
     print(md)
     return 0
 

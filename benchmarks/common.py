@@ -1,14 +1,9 @@
-"""Shared pieces of the benchmarks: hardware description, model shapes, method factories.
+"""Shared pieces of the benchmarks: hardware description, model shapes, method factory, result files.
 
-Every benchmark builds its methods through ``make_method`` so that "grass", "lisa", "lora" and "fft"
-mean the same thing in the throughput and the accuracy benchmark:
-
-- ``fft``: ``torch.optim.AdamW`` over every parameter.
-- ``lora``: peft LoRA on ``q_proj, k_proj, v_proj, up_proj, down_proj`` (LLM-Adapters' and
-  ``grass-llm train``'s default targets), alpha = 2 * rank, no dropout, adapters in the model dtype
-  (bf16 in the GPU setting); ``torch.optim.AdamW`` over the adapters.
-- ``lisa``: ``GrassConfig(policy="uniform", probe_steps=0, train_embeddings=True, train_head=True)``.
-- ``grass``: ``GrassConfig(policy="grass")``; ``grass-static`` (GRASS*): ``policy="static"``.
+Every benchmark builds its methods through ``make_method``, which is ``grass-llm train``'s own
+``grass_llm.recipes.methods.build_method``: "grass", "lisa", "lora" or "fft" mean the same thing in
+the benchmarks as in training (LoRA: ``grass-llm train``'s default targets, alpha = 2 * rank, no
+dropout, adapters in the model dtype).
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ from typing import Any
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,22 +158,21 @@ TINYLLAMA = Shape("tinyllama-1.1b-shape", 2048, 5632, 22, 32, 4, 32000)
 
 def llama(shape: Shape, max_positions: int = 2048, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised ``LlamaForCausalLM`` of ``shape`` (untied head, like TinyLlama)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from grass_llm.recipes.models import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
+    return tiny_llama(
+        shape.vocab,
+        shape.hidden,
+        shape.layers,
+        shape.intermediate,
+        shape.heads,
+        shape.kv_heads,
+        max_positions,
+        seed=seed,
+        dtype=dtype,
         use_cache=False,
         attn_implementation="sdpa",
     )
-    return LlamaForCausalLM(cfg).to(dtype)
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -188,87 +181,36 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # methods
-def wrap_lora(model, rank: int, alpha: float | None = None, dtype: torch.dtype | None = None):
-    """peft LoRA on LORA_TARGETS, no dropout, adapters cast to ``dtype`` (default: the model's)."""
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank if alpha is None else alpha,
-        target_modules=list(LORA_TARGETS),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, cfg, autocast_adapter_dtype=False)
-    if dtype is not None:
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(dtype)
-    return model
-
-
 def make_method(
     method: str,
     model,
     lr: float,
     *,
-    active_layers: int = 2,
-    period: int = 25,
-    lisa_period: int = 10,
-    probe_steps: int = 150,
     lora_rank: int = 128,
     max_grad_norm: float | None = None,
     seed: int = 0,
-    offload: bool | str = False,
-    overlap: bool = True,
-    train_embeddings: bool = False,
-    train_head: bool = False,
+    **grass: Any,
 ):
-    """(model, optimizer) for ``method``; LoRA wraps (and returns) a new model object.
+    """(model, optimizer) for ``method`` exactly as ``grass-llm train`` builds it; LoRA wraps (and
+    returns) a new model object. ``grass`` holds ``grass.*`` settings (``period=``, ``offload=``...),
+    which override the method's defaults as they would in a config file.
 
     ``max_grad_norm`` is applied inside GrassOptimizer for the layer-wise methods; for fft / lora the
-    caller clips (``clip(model)`` below).
+    caller clips (``clip`` below), as the recipe does.
     """
-    from grass_llm import GrassConfig, GrassOptimizer
+    from grass_llm.recipes.methods import build_method
+    from grass_llm.recipes.train_config import TrainConfig
 
-    if method == "fft":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    if method == "lora":
-        model = wrap_lora(model, lora_rank, dtype=next(model.parameters()).dtype)
-        params = [p for p in model.parameters() if p.requires_grad]
-        return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    if method == "lisa":
-        cfg = GrassConfig(
-            active_layers=active_layers,
-            period=lisa_period,
-            probe_steps=0,
-            policy="uniform",
-            train_embeddings=True,
-            train_head=True,
-            max_grad_norm=max_grad_norm,
-            seed=seed,
-            offload=offload,
-            overlap=overlap,
-        )
-    elif method in ("grass", "grass-static"):
-        cfg = GrassConfig(
-            active_layers=active_layers,
-            period=period,
-            probe_steps=probe_steps,
-            policy="grass" if method == "grass" else "static",
-            train_embeddings=train_embeddings,
-            train_head=train_head,
-            max_grad_norm=max_grad_norm,
-            seed=seed,
-            offload=offload,
-            overlap=overlap,
-        )
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    return model, GrassOptimizer(model, cfg, lr=lr, weight_decay=0.0)
+    cfg = TrainConfig(
+        method=method,
+        lr=lr,
+        weight_decay=0.0,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        lora={"rank": lora_rank, "alpha": 2 * lora_rank},
+        grass=grass,
+    )
+    return build_method(model, cfg)
 
 
 def clip(model, optimizer, max_grad_norm: float | None) -> None:
@@ -279,6 +221,15 @@ def clip(model, optimizer, max_grad_norm: float | None) -> None:
         return
     params = [p for p in model.parameters() if p.grad is not None]
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+
+
+def write_results(out: Path, name: str, data: dict[str, Any], markdown: str) -> None:
+    """``out/<name>.json`` and ``out/<name>.md`` (the directory is created)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
 
 
 def sync(device: torch.device) -> None:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -63,6 +62,7 @@ from common import (
     load_average,
     make_method,
     sync,
+    write_results,
 )
 
 CPU_SHAPE = Shape("cpu-small", hidden=256, intermediate=704, layers=8, heads=8, kv_heads=2, vocab=2048)
@@ -142,17 +142,11 @@ def build_main_runners(args, shape: Shape, base, batches, device) -> list[Runner
     runners = []
     for name, method, kw in specs:
         model = copy.deepcopy(base)
-        model, opt = make_method(
-            method,
-            model,
-            lr=1e-5,
-            active_layers=2,
-            period=args.window_steps,
-            lisa_period=args.window_steps,
-            probe_steps=args.warmup_probe,
-            seed=0,
-            **kw,
-        )
+        grass = {"active_layers": 2, "period": args.window_steps}
+        if method == "grass":
+            grass["probe_steps"] = args.warmup_probe
+        lora = {"lora_rank": kw.pop("lora_rank")} if "lora_rank" in kw else {}
+        model, opt = make_method(method, model, lr=1e-5, seed=0, **lora, **grass, **kw)
         if method == "lora":
             # adapters in the model dtype (bf16 in the GPU setting); make_method casts them
             assert all(p.dtype == dtype for p in model.parameters() if p.requires_grad)
@@ -316,10 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         "probe_steps": args.probe_steps,
         "smoke": args.smoke,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     md = render(result)
-    (args.out / "throughput.md").write_text(md)
+    write_results(args.out, "throughput", result, md)
     print(md)
     return 0
 

@@ -37,7 +37,14 @@ from typing import Any
 
 import torch
 
-from grass_llm.data import PROMPT_STYLES, DataError, default_data_dir, format_prompt, load_records
+from grass_llm.data import (
+    DATA_DIR_ENV,
+    PROMPT_STYLES,
+    DataError,
+    default_data_dir,
+    format_prompt,
+    load_records,
+)
 
 __all__ = [
     "BENCHMARKS",
@@ -54,6 +61,7 @@ __all__ = [
     "extract_response",
     "format_results_markdown",
     "generate_responses",
+    "greedy_generate",
     "is_correct",
     "predict",
     "resolve_benchmarks",
@@ -234,6 +242,11 @@ def resolve_benchmarks(spec: str | Sequence[str]) -> tuple[list[Benchmark], bool
 
 def _llm_adapters_root(data_dir: str | os.PathLike[str] | None) -> Path:
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if root is None:
+        raise EvalInputError(
+            f"no data directory: pass --data-dir (the directory holding llm-adapters/ or LLM-Adapters' "
+            f"dataset/) or set {DATA_DIR_ENV}"
+        )
     if (root / "llm-adapters" / "dataset").is_dir():
         return root / "llm-adapters"
     return root
@@ -268,43 +281,40 @@ def _model_device(model: Any) -> torch.device:
 
 
 @torch.no_grad()
-def generate_responses(
-    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int, max_new_tokens: int
-) -> list[str]:
-    """Greedy continuations of ``prompts``, as responses (``extract_response`` of prompt + generation).
+def greedy_generate(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    eos_id: int | None,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[list[int]]:
+    """Greedy continuations (new token ids only) of tokenised ``prompts``, batched with left padding.
 
-    Prompts are sorted by length and batched with left padding (the tokenizer's padding side is
-    restored afterwards); results come back in the order of ``prompts``. Decoding skips special
-    tokens, as LLM-Adapters does.
+    Prompts are sorted by length so that a batch holds similar lengths; results come back in the order
+    of ``prompts``. ``eos_id=None``: generate ``max_new_tokens`` tokens. The model's train/eval mode is
+    restored afterwards.
     """
     from transformers import GenerationConfig
 
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise EvalInputError("the tokenizer has neither a pad nor an eos token; cannot batch prompts")
     gen_cfg = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id
     )
     device = _model_device(model)
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    responses: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
     was_training = getattr(model, "training", False)
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
+            width = max(len(prompts[i]) for i in idx)
             input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)  # (B, T) left-padded
             attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
             for r, i in enumerate(idx):
-                ids = encoded[i]
+                ids = list(prompts[i])
                 input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[r, width - len(ids) :] = 1
             out = model.generate(
@@ -314,14 +324,30 @@ def generate_responses(
             )  # (B, T + new)
             out = out.cpu()
             for r, i in enumerate(idx):
-                full = tokenizer.decode(out[r, width - len(encoded[i]) :], skip_special_tokens=True)
-                if RESPONSE_MARKER in full:
-                    responses[i] = extract_response(full)
-                else:  # a tokenizer whose decode does not reproduce the prompt text
-                    responses[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+                outputs[i] = out[r, width:].tolist()
     finally:
         if was_training:
             model.train()
+    return outputs
+
+
+def generate_responses(
+    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int, max_new_tokens: int
+) -> list[str]:
+    """Greedy responses to text ``prompts`` (``greedy_generate``; the text after ``### Response:`` of
+    prompt + generation). Decoding skips special tokens, as LLM-Adapters does."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise EvalInputError("the tokenizer has neither a pad nor an eos token; cannot batch prompts")
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    new = greedy_generate(model, encoded, pad_id, tokenizer.eos_token_id, max_new_tokens, batch_size)
+    responses = []
+    for ids, gen in zip(encoded, new):
+        full = tokenizer.decode(list(ids) + gen, skip_special_tokens=True)
+        if RESPONSE_MARKER in full:
+            responses.append(extract_response(full))
+        else:  # a tokenizer whose decode does not reproduce the prompt text
+            responses.append(tokenizer.decode(gen, skip_special_tokens=True).strip())
     return responses
 
 
@@ -390,7 +416,8 @@ def evaluate_model(
         tokenizer: its tokenizer (pad token: its own, else EOS).
         benchmarks: names and/or groups (``arithmetic``, ``commonsense``, ``all``), a comma string or
             a list; see ``resolve_benchmarks``.
-        data_dir: the shared data root (``None``: ``$GRASS_DATA_DIR`` or ``<repo>/../shared/data``).
+        data_dir: the data root holding ``llm-adapters/`` or LLM-Adapters' ``dataset/`` (``None``:
+            ``$GRASS_DATA_DIR``).
         out_dir: where ``<benchmark>.jsonl``, ``results.md`` and ``results.json`` are written.
         batch_size: prompts per ``generate`` call.
         max_new_tokens: generation budget; None = LLM-Adapters' 256 (arithmetic) / 32 (commonsense).
@@ -527,7 +554,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         default=None,
-        help="shared data root holding llm-adapters/ (default: $GRASS_DATA_DIR or <repo>/../shared/data)",
+        help="data root holding llm-adapters/ or LLM-Adapters' dataset/ (default: $GRASS_DATA_DIR)",
     )
     parser.add_argument("--out", default=None, help="output directory (default: eval/<model name>)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
@@ -559,10 +586,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
 def _check_cli_args(args: argparse.Namespace) -> None:
     for flag, value in (
         ("--batch-size", args.batch_size),
@@ -571,12 +594,14 @@ def _check_cli_args(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < 1:
             raise EvalInputError(f"{flag} must be >= 1, got {value}")
+    from grass_llm.recipes.models import looks_like_path
+
     local = Path(args.model).expanduser()
     if local.exists():
         has_config = (local / "config.json").is_file() or (local / "adapter_config.json").is_file()
         if not local.is_dir() or not has_config:
             raise EvalInputError(f"--model {args.model!r}: not a model directory (no config.json in {local})")
-    elif _looks_like_path(args.model):
+    elif looks_like_path(args.model):
         raise EvalInputError(f"--model {args.model!r}: model directory does not exist")
     if args.device is not None:
         try:
@@ -590,7 +615,7 @@ def _check_cli_args(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from grass_llm.recipes.models import ModelLoadError, load_model_and_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dtype == "bf16":
@@ -600,13 +625,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     else:
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if use_bf16 else torch.float32
-    name = str(Path(args.model).expanduser()) if Path(args.model).expanduser().exists() else args.model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except OSError as e:
-        raise EvalInputError(f"--model {args.model!r}: cannot load it ({e})") from None
-    return model.to(device), tokenizer
+        return load_model_and_tokenizer(args.model, dtype, device)
+    except ModelLoadError as e:
+        raise EvalInputError(f"--model {args.model!r}: {e}") from None
 
 
 def cli_main(args: argparse.Namespace) -> int:

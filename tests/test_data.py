@@ -104,7 +104,9 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="not found"):
         D.resolve_data_path("sub/none.json")
     monkeypatch.delenv("GRASS_DATA_DIR")
-    assert D.default_data_dir() == Path(D.__file__).resolve().parents[3] / "shared" / "data"
+    assert D.default_data_dir() is None  # the installed package assumes no location
+    with pytest.raises(DataError, match="give data_dir or set GRASS_DATA_DIR"):
+        D.resolve_data_path("sub/x.json")
 
 
 def test_shared_training_set_loads(shared_data):

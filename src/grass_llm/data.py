@@ -6,9 +6,9 @@ three. Everything here is plain Python + torch: a tokenizer is any object with `
 ``encode``) returning token ids plus ``eos_token_id`` / ``pad_token_id`` (a Hugging Face tokenizer
 works). ``transformers`` is imported only inside ``builtin_tokenizer``.
 
-Data files are never copied into the repository: paths are resolved against a data root taken from
-a config value or CLI flag, else the ``GRASS_DATA_DIR`` environment variable, else
-``<repo>/../shared/data`` (see ``default_data_dir``).
+Data files are never copied into the repository: a relative path that does not exist as given is
+resolved against a data root taken from a config value or CLI flag, else the ``GRASS_DATA_DIR``
+environment variable (see ``default_data_dir``). The installed package assumes no location.
 
 Example::
 
@@ -33,6 +33,7 @@ import torch
 
 __all__ = [
     "BATCH_MODES",
+    "DATA_DIR_ENV",
     "IGNORE_INDEX",
     "PROMPT_STYLES",
     "Batcher",
@@ -57,8 +58,6 @@ BATCH_MODES = ("shuffle", "group_by_length", "packing")
 #: Fields a training record must have; ``input`` is optional (missing / null / "" = no input).
 TRAIN_FIELDS = ("instruction", "output")
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 class DataError(ValueError):
     """A data file or record is unusable. The message names the file, the record (1-based) and the fault."""
@@ -66,12 +65,13 @@ class DataError(ValueError):
 
 # ------------------------------------------------------------------------------------------------
 # locations
-def default_data_dir() -> Path:
-    """The shared data root: ``$GRASS_DATA_DIR`` if set, else ``<repo>/../shared/data``."""
-    env = os.environ.get("GRASS_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    return _REPO_ROOT.parent / "shared" / "data"
+DATA_DIR_ENV = "GRASS_DATA_DIR"
+
+
+def default_data_dir() -> Path | None:
+    """The data root from ``$GRASS_DATA_DIR``, or None when it is not set."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else None
 
 
 def resolve_data_path(path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -85,6 +85,11 @@ def resolve_data_path(path: str | os.PathLike[str], data_dir: str | os.PathLike[
             raise DataError(f"{p}: data file does not exist")
         return p
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if root is None:
+        raise DataError(
+            f"{path}: data file not found at {p.resolve()}; to resolve it against a data directory, give "
+            f"data_dir or set {DATA_DIR_ENV}"
+        )
     candidate = root / p
     if candidate.exists():
         return candidate

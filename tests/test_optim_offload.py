@@ -37,11 +37,22 @@ def _run(offload, steps=20, dtype=torch.float32, split=None, load_offload=None, 
     "precision",
     [
         dict(),
-        dict(dtype=torch.bfloat16),
-        dict(dtype=torch.bfloat16, fp32_optimizer_states=True),
+        dict(dtype=torch.bfloat16, fp32_master_weights=False, update_rounding="nearest"),
+        dict(dtype=torch.bfloat16, fp32_master_weights=False, update_rounding="kahan"),
+        dict(dtype=torch.bfloat16, fp32_master_weights=False, update_rounding="stochastic"),
+        dict(dtype=torch.bfloat16, fp32_master_weights=True),
+        dict(dtype=torch.bfloat16, fp32_optimizer_states=True, fp32_master_weights=False),
         dict(dtype=torch.bfloat16, fp32_optimizer_states=True, fp32_master_weights=True),
     ],
-    ids=["fp32", "bf16", "bf16+fp32-states", "bf16+fp32-master"],
+    ids=[
+        "fp32",
+        "bf16-nearest",
+        "bf16-kahan",
+        "bf16-stochastic",
+        "bf16+fp32-master",
+        "bf16+fp32-states",
+        "bf16+fp32-states+master",
+    ],
 )
 def test_offload_equals_in_memory_bit_for_bit(precision):
     m_mem, o_mem, log_mem = _run(False, **precision)

@@ -1,9 +1,8 @@
 """Peak device memory of a training step, without a GPU: ``tracker`` counts live storage bytes under a
-dispatch mode, ``estimate`` runs a method's training steps on fake tensors and reports the peak
-(``grass-llm memory``)."""
+dispatch mode, ``estimate`` runs the training steps ``grass-llm train`` would run, on fake tensors, and
+reports the peak (``grass-llm memory``)."""
 
 from grass_llm.memory.estimate import (
-    METHODS,
     OPTIMIZER_IMPLS,
     MemoryEstimate,
     MemoryEstimateError,
@@ -11,12 +10,12 @@ from grass_llm.memory.estimate import (
     format_table,
     load_config,
     measure_cuda_step,
+    methods,
 )
 from grass_llm.memory.tracker import CATEGORIES, LiveBytesTracker
 
 __all__ = [
     "CATEGORIES",
-    "METHODS",
     "OPTIMIZER_IMPLS",
     "LiveBytesTracker",
     "MemoryEstimate",
@@ -25,4 +24,5 @@ __all__ = [
     "format_table",
     "load_config",
     "measure_cuda_step",
+    "methods",
 ]

@@ -92,8 +92,9 @@ def test_tracker_rounds_like_the_caching_allocator():
 
 @pytest.mark.parametrize("method", ["fft", "grass", "lora"])
 def test_fake_estimate_matches_real_cpu_run_within_1_percent(tiny, method):
-    # the real run is on the CPU, where there is no separate host memory: offload off in both runs
-    kw = dict(rank=8, batch_size=4, seq_len=48, overrides={"grass.offload": False})
+    # the real run is on the CPU, where there is no separate host memory and torch.optim loops over the
+    # parameters: offload off and the for-loop AdamW in both runs
+    kw = dict(rank=8, batch_size=4, seq_len=48, optimizer_impl="for-loop", overrides={"grass.offload": False})
     fake = M.estimate_memory(tiny, method, **kw)
     real = M.estimate_memory(tiny, method, fake=False, **kw)
     assert fake.fake and not real.fake
@@ -363,3 +364,15 @@ def test_7b_config_estimates_in_under_a_minute():
     est = M.estimate_memory(cfg, "grass", seq_len=1024)
     assert time.time() - t0 < 60
     assert 12 * 2**30 < est.peak < 25 * 2**30
+
+
+def test_each_layer_wise_method_keeps_its_own_gamma(tiny):
+    badam = M.estimate_memory(tiny, "badam", batch_size=1, seq_len=16)
+    assert badam.active_layers == 1 and badam.active_layer_ids == [0] and badam.label == "BAdam γ=1"
+    assert M.estimate_memory(
+        tiny, "grass-static", batch_size=1, seq_len=16, active_layers=3
+    ).active_layer_ids == [
+        0,
+        1,
+        2,
+    ]

@@ -625,6 +625,31 @@ def test_gpu_switching_loop_matches_in_memory_adamw(dtype, fp32_states, fp32_mas
                 assert_bitwise(got, want.cpu())
 
 
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize(("dtype", "fp32_states", "fp32_master"), CONFIGS)
+def test_gpu_chunked_staging_matches_in_memory_adamw(dtype, fp32_states, fp32_master, overlap):
+    sched = schedule(12, len(SHAPES), seed=7)
+    ref_units, off_units = make_units(dtype, "cuda"), make_units(dtype, "cuda")
+    ref_states = [fresh_state(u, fp32_states, fp32_master) for u in ref_units]
+    ref_steps = [torch.tensor(0.0) for _ in SHAPES]
+    off = build(off_units, "cuda", fp32_states, fp32_master, overlap=overlap, chunk_bytes=CHUNK)
+    for i, active in enumerate(sched):
+        grads = grads_for(ref_units, i, "cuda")
+        for uid in active:
+            step = ref_steps[uid].add_(1).item()
+            adamw_pieces(ref_units[uid], grads[uid], ref_states[uid], step, fp32_master)
+    run_chunked(off, off_units, [torch.tensor(0.0) for _ in SHAPES], sched, fp32_master, "cuda")
+    for got_u, want_u in zip(off_units, ref_units):
+        for got, want in zip(got_u, want_u):
+            assert_bitwise(got, want)
+    for uid, state in off.state_dict()["units"].items():
+        for key, ts in state.items():
+            for got, want in zip(ts, ref_states[uid][key]):
+                assert_bitwise(got, want.cpu())
+
+
 def _big_units(n=3, numel=4 << 20):
     return [[torch.zeros(numel, device="cuda")] for _ in range(n)]
 

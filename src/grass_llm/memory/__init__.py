@@ -6,11 +6,13 @@ from grass_llm.memory.estimate import (
     OPTIMIZER_IMPLS,
     MemoryEstimate,
     MemoryEstimateError,
+    TrainingStep,
     estimate_memory,
     format_table,
     load_config,
     measure_cuda_step,
     methods,
+    training_step,
 )
 from grass_llm.memory.tracker import CATEGORIES, LiveBytesTracker
 
@@ -20,9 +22,11 @@ __all__ = [
     "LiveBytesTracker",
     "MemoryEstimate",
     "MemoryEstimateError",
+    "TrainingStep",
     "estimate_memory",
     "format_table",
     "load_config",
     "measure_cuda_step",
     "methods",
+    "training_step",
 ]

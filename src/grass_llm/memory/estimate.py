@@ -52,6 +52,7 @@ __all__ = [
     "OPTIMIZER_IMPLS",
     "MemoryEstimate",
     "MemoryEstimateError",
+    "TrainingStep",
     "add_cli_arguments",
     "cli_main",
     "estimate_memory",
@@ -59,6 +60,7 @@ __all__ = [
     "load_config",
     "measure_cuda_step",
     "methods",
+    "training_step",
 ]
 
 #: How torch.optim's AdamW allocates its temporaries: ``auto`` (what torch picks on the modelled device:
@@ -304,8 +306,13 @@ def _train_config(model_name: str, method: str, settings: dict[str, Any]):
         raise MemoryEstimateError(str(e)) from None
 
 
-class _Step:
-    """One method built as ``grass-llm train`` builds it, on ``device``, and its training step."""
+class TrainingStep:
+    """One method built as ``grass-llm train`` builds it, on ``device``, and its training step.
+
+    ``run(B, T)`` is one optimizer step of ``FinetuneRecipe.train_step`` on a batch of B unpadded random
+    rows of T tokens. Built by :func:`training_step` on a real device, or by :func:`estimate_memory` on
+    fake tensors. ``model`` and ``opt`` are what ``build_method`` returned.
+    """
 
     def __init__(self, config, cfg, device: torch.device, fake_mode, active: list[int] | None, impl: str):
         from grass_llm.activation_checkpointing import apply_activation_checkpointing
@@ -364,7 +371,7 @@ def estimate_memory(
     model: Any,
     method: str = "grass",
     *,
-    active_layers: int = 2,
+    active_layers: int | None = None,
     active_layer_ids: Sequence[int] | None = None,
     rank: int = 128,
     batch_size: int = 1,
@@ -383,7 +390,8 @@ def estimate_memory(
     Args:
         model: a ``PretrainedConfig``, a config.json path or directory, or a cached hub name.
         method: a ``grass-llm train`` method (:func:`methods`).
-        active_layers: gamma (``grass.active_layers``) of the layer-wise methods.
+        active_layers: gamma (``grass.active_layers``) of the layer-wise methods; default the method's
+            (2 for grass and lisa, 1 for badam).
         active_layer_ids: the active decoder layers; default ``0 .. gamma-1``, the worst case
             (activations are saved from the lowest active layer upward).
         rank: LoRA / DoRA rank r (``lora.rank``; ``lora.alpha`` = 2r).
@@ -409,27 +417,11 @@ def estimate_memory(
     from grass_llm.recipes.methods import get_method
 
     layer_wise = get_method(method).layer_wise
-    if layer_wise:
+    if layer_wise and active_layers is not None:
         _check_int("active_layers", active_layers, 1)
     if method in ("lora", "dora"):
         _check_int("rank", rank, 1)
     config = load_config(model)
-    num_layers = getattr(config, "num_hidden_layers", None)
-    if layer_wise:
-        if active_layer_ids is None:
-            active_layer_ids = list(range(active_layers))
-        active_layer_ids = sorted({int(i) for i in active_layer_ids})
-        if len(active_layer_ids) != active_layers:
-            raise MemoryEstimateError(
-                f"active_layer_ids={active_layer_ids!r} has {len(active_layer_ids)} distinct layers; "
-                f"allowed: exactly active_layers={active_layers}"
-            )
-        if num_layers is not None and (active_layer_ids[0] < 0 or active_layer_ids[-1] >= num_layers):
-            raise MemoryEstimateError(
-                f"active_layer_ids={active_layer_ids!r} is invalid; allowed: layers 0..{num_layers - 1}"
-            )
-    else:
-        active_layer_ids = None
     settings = _settings(
         method,
         active_layers,
@@ -443,11 +435,14 @@ def estimate_memory(
     )
     name = _config_name(config) if not isinstance(model, (str, Path)) else str(model)
     cfg = _train_config(name, method, settings)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    active_layers = cfg.grass.active_layers if layer_wise else None
+    active_layer_ids = _active_ids(active_layer_ids, active_layers, num_layers) if layer_wise else None
 
     device = torch.device("meta" if fake else "cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     with _fake_mode_patches(mode):
-        step = _Step(config, cfg, device, mode, active_layer_ids, optimizer_impl)
+        step = TrainingStep(config, cfg, device, mode, active_layer_ids, optimizer_impl)
         net = step.model
         tracker = LiveBytesTracker(round_to=round_to, device=device)
         tracker.track(list(net.parameters()) + list(net.buffers()), "weights")
@@ -494,6 +489,18 @@ def estimate_memory(
     )
 
 
+def _active_ids(ids: Sequence[int] | None, gamma: int, num_layers: int | None) -> list[int]:
+    """The active layers: ``ids``, by default ``0 .. gamma-1`` (the worst case), checked."""
+    ids = sorted({int(i) for i in (range(gamma) if ids is None else ids)})
+    if len(ids) != gamma:
+        raise MemoryEstimateError(
+            f"active_layer_ids={ids!r} has {len(ids)} distinct layers; allowed: exactly active_layers={gamma}"
+        )
+    if num_layers is not None and (ids[0] < 0 or ids[-1] >= num_layers):
+        raise MemoryEstimateError(f"active_layer_ids={ids!r} is invalid; allowed: layers 0..{num_layers - 1}")
+    return ids
+
+
 def _settings(method, active_layers, rank, batch_size, seq_len, dtype, checkpointing, chunked, overrides):
     from grass_llm.recipes.methods import get_method
 
@@ -506,7 +513,9 @@ def _settings(method, active_layers, rank, batch_size, seq_len, dtype, checkpoin
     }
     if get_method(method).layer_wise:
         # the training phase (probing runs no update); the method's defining settings still win
-        settings.update({"grass.active_layers": active_layers, "grass.probe_steps": 0})
+        settings["grass.probe_steps"] = 0
+        if active_layers is not None:
+            settings["grass.active_layers"] = active_layers
     if method in ("lora", "dora"):
         settings.update({"lora.rank": rank, "lora.alpha": 2 * rank})
     for key, value in (overrides or {}).items():
@@ -516,7 +525,7 @@ def _settings(method, active_layers, rank, batch_size, seq_len, dtype, checkpoin
     return settings
 
 
-def _extras(step: _Step) -> dict[str, Any]:
+def _extras(step: TrainingStep) -> dict[str, Any]:
     """What the estimate ran with: the offload and precision settings, host memory of the offloaded states."""
     opt = step.opt
     out: dict[str, Any] = {"optimizer": type(opt).__name__}
@@ -576,6 +585,55 @@ def format_table(
 
 
 # ---------------------------------------------------------------------------------------------
+# real devices
+# ---------------------------------------------------------------------------------------------
+
+
+def training_step(
+    model: Any,
+    method: str = "grass",
+    *,
+    device: torch.device | str = "cuda",
+    active_layers: int | None = None,
+    active_layer_ids: Sequence[int] | None = None,
+    rank: int = 128,
+    batch_size: int = 1,
+    seq_len: int = 1024,
+    dtype: str = "bf16",
+    activation_checkpointing: str = "none",
+    chunked_loss: bool = True,
+    optimizer_impl: str = "auto",
+    overrides: dict[str, Any] | None = None,
+) -> TrainingStep:
+    """A randomly initialised ``model`` (a config) with ``method`` on a real ``device``, built from the same
+    ``TrainConfig`` as :func:`estimate_memory` (same arguments); for measurements and timings
+    (``benchmarks/gpu_check.py``). ``batch_size`` / ``seq_len`` only size ``max_length``: pass them to
+    ``run`` too."""
+    _check_choice("method", method, methods())
+    _check_choice("dtype", dtype, tuple(_DTYPES))
+    _check_choice("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
+    config = load_config(model)
+    from grass_llm.recipes.methods import get_method
+
+    layer_wise = get_method(method).layer_wise
+    settings = _settings(
+        method,
+        active_layers,
+        rank,
+        batch_size,
+        seq_len,
+        dtype,
+        activation_checkpointing,
+        chunked_loss,
+        overrides,
+    )
+    cfg = _train_config(_config_name(config), method, settings)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    active = _active_ids(active_layer_ids, cfg.grass.active_layers, num_layers) if layer_wise else None
+    return TrainingStep(config, cfg, torch.device(device), None, active, optimizer_impl)
+
+
+# ---------------------------------------------------------------------------------------------
 # real measurement on a CUDA device
 # ---------------------------------------------------------------------------------------------
 
@@ -584,7 +642,7 @@ def measure_cuda_step(
     model: Any,
     method: str = "grass",
     *,
-    active_layers: int = 2,
+    active_layers: int | None = None,
     active_layer_ids: Sequence[int] | None = None,
     rank: int = 128,
     batch_size: int = 1,
@@ -608,27 +666,24 @@ def measure_cuda_step(
     _check_choice("method", method, methods())
     _check_choice("dtype", dtype, tuple(_DTYPES))
     _check_choice("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
-    config = load_config(model)
-    from grass_llm.recipes.methods import get_method
-
-    layer_wise = get_method(method).layer_wise
-    active = sorted(active_layer_ids or range(active_layers)) if layer_wise else None
-    settings = _settings(
-        method,
-        active_layers,
-        rank,
-        batch_size,
-        seq_len,
-        dtype,
-        activation_checkpointing,
-        chunked_loss,
-        overrides,
-    )
-    cfg = _train_config(_config_name(config), method, settings)
     dev = torch.device(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
-    step = _Step(config, cfg, dev, None, active, optimizer_impl)
+    step = training_step(
+        model,
+        method,
+        device=dev,
+        active_layers=active_layers,
+        active_layer_ids=active_layer_ids,
+        rank=rank,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        activation_checkpointing=activation_checkpointing,
+        chunked_loss=chunked_loss,
+        optimizer_impl=optimizer_impl,
+        overrides=overrides,
+    )
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(steps):
@@ -697,7 +752,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="method(s) to estimate, repeatable or comma separated: grass-llm train's methods (default grass)",
     )
     parser.add_argument(
-        "--active-layers", type=int, default=2, help="gamma of the layer-wise methods (default 2)"
+        "--active-layers",
+        type=int,
+        default=None,
+        help="gamma of the layer-wise methods (default: the method's, 2 for grass and lisa, 1 for badam)",
     )
     parser.add_argument("--rank", type=int, default=128, help="LoRA / DoRA rank r, alpha = 2r (default 128)")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size B (default 1)")

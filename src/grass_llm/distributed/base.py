@@ -5,8 +5,12 @@ Its *units* are its param groups in order (decoder layer ``i`` is unit ``i``, th
 ``norm``, ``head``), each given as the list of its trainable parameters. The calls, in the order
 the optimizer makes them:
 
-``attach(units)``
-    once, at construction, before anything else (install gradient hooks here).
+``attach(units, on_reduced)``
+    once, at construction, before the optimizer installs its own gradient hooks (so the backend's
+    hooks run first). ``on_reduced(unit_ids)``: call it whenever the gradients of these units have
+    become the global batch's (after an all-reduce), so that the optimizer reads their norms before
+    anyone (a Trainer, a user) clips them. Backends whose ``gradients_final_in_hooks`` is true never
+    call it: the optimizer reads the gradients in its own hooks.
 ``set_trained(unit_ids)``
     whenever the set of trained units changes; empty while probing.
 ``no_sync()``
@@ -18,6 +22,11 @@ the optimizer makes them:
     the part of a parameter or gradient this rank holds (sharded backends: the local shard).
 ``reduce_sumsq_(sumsq)``
     in place: per-layer squared gradient norms as seen by this rank -> the global ones (for eq. 2).
+``reduce_probe_unit(unit_id, grads, on_sumsq)`` / ``finish_probe_reductions()``
+    probing, backends with ``probe_needs_whole_units``: ``grads`` is this rank's accumulated gradient
+    of a whole decoder layer (which the optimizer frees right after); the backend makes it the
+    global batch's and calls ``on_sumsq(unit_id, squared norm)``, possibly later, at the latest in
+    ``finish_probe_reductions()``.
 ``broadcast_layers(layers)``
     a draw -> the draw every rank uses.
 ``owns(unit_id)``
@@ -38,7 +47,7 @@ torch.distributed data parallelism; ``fsdp2.py`` for FSDP2-sharded models), and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -52,8 +61,14 @@ class DataParallelBackend:
 
     rank: int = 0
     world_size: int = 1
+    #: the gradients a parameter's post-accumulate-grad hook sees are the global ones (one process)
+    gradients_final_in_hooks: bool = True
+    #: probing hands whole layers' local gradients to ``reduce_probe_unit`` (else per-parameter norms)
+    probe_needs_whole_units: bool = False
 
-    def attach(self, units: Sequence[Sequence[nn.Parameter]]) -> None:
+    def attach(
+        self, units: Sequence[Sequence[nn.Parameter]], on_reduced: Callable[[list[int]], None] | None = None
+    ) -> None:
         """Called once by the optimizer with its units' trainable parameters."""
 
     def set_trained(self, unit_ids: Collection[int]) -> None:
@@ -73,6 +88,17 @@ class DataParallelBackend:
 
     def reduce_sumsq_(self, sumsq: torch.Tensor) -> None:
         """Per-layer squared gradient norms seen by this rank -> the global ones, in place."""
+
+    def reduce_probe_unit(
+        self, unit_id: int, grads: Sequence[torch.Tensor], on_sumsq: Callable[[int, torch.Tensor], None]
+    ) -> None:
+        """Probing: the squared norm of the global gradient of a whole unit, given this rank's."""
+        on_sumsq(
+            unit_id, sum(torch.linalg.vector_norm(g, dtype=torch.float32).double().square() for g in grads)
+        )
+
+    def finish_probe_reductions(self) -> None:
+        """Deliver every pending ``reduce_probe_unit`` result."""
 
     def broadcast_layers(self, layers: Sequence[int]) -> list[int]:
         """The layers every rank trains."""

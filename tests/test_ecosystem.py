@@ -403,3 +403,61 @@ def test_ambiguous_stacks_ask_for_layers():
     with pytest.raises(LayerDiscoveryError, match=r"several stacks of blocks.*layers='"):
         discover_layers(TwoTowers())
     assert discover_layers(TwoTowers(), "text").num_layers == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA only (run by benchmarks/gpu_check.py where a GPU is available)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_accelerate_on_cuda_moves_the_state_and_trains():
+    """AcceleratedOptimizer moves the whole optimizer state (sampler RNG, MGN, steps) to the GPU and
+    loads it back: GRASS's own pieces go back where they belong, and training goes on."""
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator()
+    model = make_tiny_llama(num_layers=3).cuda()
+    opt = GrassOptimizer(model, GrassConfig(active_layers=1, period=2, probe_steps=1, offload=True), lr=1e-2)
+    for x in batches(2):
+        x = x.cuda()
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model, prepared = accelerator.prepare(model, opt)  # state_dict -> cuda -> load_state_dict
+    for x in batches(3, seed=2):
+        x = x.cuda()
+        accelerator.backward(model(input_ids=x, labels=x).loss)
+        prepared.step()
+        prepared.zero_grad()
+    assert opt.global_step == 5 and torch.isfinite(opt.importance).all()
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_trainer_on_cuda_with_offload(tmp_path, precision):
+    """The Trainer on CUDA: bf16, and fp16 with its GradScaler (through accelerate), offload on."""
+    transformers = pytest.importorskip("transformers")
+    from grass_llm.integrations.hf import create_grass_optimizer_and_scheduler
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            x = batches(1, bs=1, seed=i)[0][0]
+            return {"input_ids": x, "labels": x.clone()}
+
+    model = make_tiny_llama(num_layers=4)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], save_strategy="no", per_device_train_batch_size=4,
+        learning_rate=1e-3, max_steps=8, logging_steps=1, disable_tqdm=True, **{precision: True},
+    )  # fmt: skip
+    cfg = GrassConfig(active_layers=2, period=2, probe_steps=2, offload=True)
+    opt, sched = create_grass_optimizer_and_scheduler(model, args, grass_config=cfg)
+    transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, sched)).train()
+    assert opt.offloader is not None and not opt.probing
+    assert torch.isfinite(opt.importance).all() and (opt.importance > 0).all()
+    assert opt.global_step + opt.skipped_steps == 8

@@ -428,7 +428,8 @@ class GrassOptimizer(torch.optim.Optimizer):
             return
         if self.backend.gradients_final_in_hooks:
             k = self._pidx[id(p)]
-            self._param_sumsq[k] = torch.linalg.vector_norm(p.grad, dtype=torch.float32).double().square()
+            g = self.backend.local(p.grad)  # FSDP2: this rank's shard (reduce_sumsq_ sums the shards)
+            self._param_sumsq[k] = torch.linalg.vector_norm(g, dtype=torch.float32).double().square()
         if self.config.step_in_backward and not self._accumulating:
             self._sib_count(self._unit_of[id(p)])
 
@@ -439,7 +440,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         Invariant: the norm kernel is queued on the stream that produced the gradient, before the grad
         is dropped; the caching allocator keeps the memory until that kernel has run."""
         key = id(p)
-        g = p.grad
+        g = self.backend.local(p.grad)
         p.grad = None
         if key in self._final_seen:  # more micro-batches than the step was expected to have
             self._inexact = True
@@ -543,6 +544,11 @@ class GrassOptimizer(torch.optim.Optimizer):
             raise RuntimeError("this GrassOptimizer is closed (close(), or another one took over its model)")
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step (module docstring)
         found_inf = getattr(self, "found_inf", None)
+        if grad_scale is not None and not self.backend.supports_grad_scaler:
+            raise RuntimeError(
+                f"a GradScaler cannot be used with {type(self.backend).__name__}: its overflow check would differ "
+                "between ranks; train in bf16 (or fp32)"
+            )
         if self.config.step_in_backward and grad_scale is not None:
             raise RuntimeError(
                 "step_in_backward=True cannot be used with a GradScaler: the updates run during backward, "
@@ -656,19 +662,20 @@ class GrassOptimizer(torch.optim.Optimizer):
         if overflow:
             self._skip("overflow")
             return
-        # the norms read in the hooks, and the gradients as they are now (a user, a clipping of an
-        # infinite norm, may have changed them since): one host sync
-        grads = [p.grad for g in trained for p in g["params"] if p.grad is not None]
-        finite = torch.isfinite(sumsq).all()
+        # the norms read in the hooks, and whether the gradients as they are now are finite (a user, a
+        # clipping of an infinite norm, may have changed them since), made global in one reduction (a
+        # sum over the shards with FSDP2, so that every rank takes the same decision) and one host sync
+        grads = [self.backend.local(p.grad) for g in trained for p in g["params"] if p.grad is not None]
+        now = torch.zeros(1, dtype=torch.float64, device=sumsq.device)
         if grads:
-            now = torch.stack(torch._foreach_norm(grads, 2)).to(finite.device)
-            finite = finite & torch.isfinite(now).all()
-        if not bool(finite):
+            now += torch.stack(torch._foreach_norm(grads, 2)).double().square().sum().to(sumsq.device)
+        vec = torch.cat([sumsq, now])
+        self.backend.reduce_sumsq_(vec)
+        if not bool(torch.isfinite(vec).all()):
             self._skip("non-finite gradients")
             return
         layer_sumsq = torch.zeros(self.num_layers, dtype=torch.float64, device=sumsq.device)
-        layer_sumsq.index_add_(0, self._param_layer[self._block_mask], sumsq[self._block_mask])
-        self.backend.reduce_sumsq_(layer_sumsq)
+        layer_sumsq.index_add_(0, self._param_layer[self._block_mask], vec[:-1][self._block_mask])
         self.importance_tracker.observe(layer_sumsq, sorted(have | done))
         if grad_scale is not None and grads:  # the scaler left the unscaling to us
             torch._foreach_mul_(grads, 1.0 / float(grad_scale))
@@ -709,13 +716,15 @@ class GrassOptimizer(torch.optim.Optimizer):
         self, group: dict[str, Any], staged: dict[str, list[torch.Tensor]] | None = None
     ) -> None:
         cfg = self.config
-        params, grads, exp_avgs, exp_avg_sqs, steps, masters = [], [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
+        local = self.backend.local  # FSDP2: this rank's shard; its state covers the shard only
+        params, grads, exp_avgs, exp_avg_sqs, steps, masters, ids = [], [], [], [], [], [], []
+        for full in group["params"]:
+            if full.grad is None:
                 continue
-            if p.grad.is_sparse:
+            if full.grad.is_sparse:
                 raise RuntimeError("GrassOptimizer does not support sparse gradients")
-            state = self.state[p]
+            state = self.state[full]
+            p = local(full)
             if "step" not in state:
                 # same initial state as torch.optim.Adam._init_group (non-capturable, non-fused)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -728,7 +737,7 @@ class GrassOptimizer(torch.optim.Optimizer):
                     if cfg.fp32_master_weights:
                         state["master"] = p.detach().to(torch.float32, copy=True)
             if staged is not None:
-                k = self._offload_index[id(p)]
+                k = self._offload_index[id(full)]
                 exp_avgs.append(staged["exp_avg"][k])
                 exp_avg_sqs.append(staged["exp_avg_sq"][k])
                 if "master" in staged:
@@ -739,8 +748,9 @@ class GrassOptimizer(torch.optim.Optimizer):
                 if "master" in state:
                     masters.append(state["master"])
             params.append(p)
-            grads.append(p.grad)
+            grads.append(local(full.grad))
             steps.append(state["step"])
+            ids.append(id(full))
         if not params:
             return
         # the tensors AdamW updates: the weights themselves, their fp32 masters, or (fp32 moments
@@ -755,7 +765,7 @@ class GrassOptimizer(torch.optim.Optimizer):
             grads = [g.to(targets[0].dtype) for g in grads]
         beta1, beta2 = group["betas"]
         # biases and norm weights take no weight decay unless decay_bias_and_norm (class docstring)
-        decay = [id(p) not in self._no_decay for p in params]
+        decay = [i not in self._no_decay for i in ids]
         for wd, keep in ((group["weight_decay"], True), (0.0, False)):
             idx = [i for i, d in enumerate(decay) if d == keep]
             if not idx:
@@ -855,7 +865,7 @@ class GrassOptimizer(torch.optim.Optimizer):
                 continue
             off.register(
                 group["unit"],
-                params,
+                [self.backend.local(p) for p in params],
                 fp32_states=cfg.fp32_optimizer_states,
                 fp32_master=cfg.fp32_master_weights,
             )
@@ -980,6 +990,8 @@ class GrassOptimizer(torch.optim.Optimizer):
         independent of offloading) plus a ``grass`` entry with the sampler, RNG, MGN and schedule.
         Take it between optimizer steps (not between the micro-batches of one)."""
         sd = super().state_dict()
+        # torch.optim packs the live per-parameter dicts: copy them before adding to them
+        sd["state"] = {i: dict(st) for i, st in sd["state"].items()}
         if self._offloader is not None:
             # offloaded moments live in host buffers; put copies where torch.optim keeps them
             units = self._offloader.state_dict()["units"]
@@ -993,6 +1005,11 @@ class GrassOptimizer(torch.optim.Optimizer):
                         continue
                     k = self._offload_index[id(p)]
                     sd["state"][index[id(p)]].update({key: staged[key][k].clone() for key in staged})
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, st in sd["state"].items():  # FSDP2: states as DTensors sharded like their parameters
+            sd["state"][i] = {
+                k: v if k == "step" else self.backend.export_state(v, params[i]) for k, v in st.items()
+            }
         sd["grass"] = {
             "version": 2,
             "config": self.config.to_dict(),
@@ -1044,11 +1061,12 @@ class GrassOptimizer(torch.optim.Optimizer):
         offloaded: dict[str, dict[str, list[torch.Tensor]]] = {}
         for idx, moments in tensors.items():
             p = params[idx]
+            moments = {k: self.backend.import_state(v, p) for k, v in moments.items()}
             if self._offloader is not None and id(p) in self._offload_index:
                 unit = next(g["unit"] for g in self._units if any(q is p for q in g["params"]))
                 offloaded.setdefault(unit, {}).setdefault("_items", []).append((p, moments))
             else:
-                self.state[p].update({k: v.to(p.device) for k, v in moments.items()})
+                self.state[p].update({k: v.to(self.backend.local(p).device) for k, v in moments.items()})
         if self._offloader is not None:
             self._offloader.load_state_dict({"units": self._fill_units(offloaded)})
         for j, group in enumerate(self._units):  # ZeRO-1 on this world size; any world size loads
@@ -1086,9 +1104,10 @@ class GrassOptimizer(torch.optim.Optimizer):
             out: dict[str, list[torch.Tensor]] = {"exp_avg": [], "exp_avg_sq": []}
             if cfg.fp32_master_weights:
                 out["master"] = []
-            for p in params:
+            for full in params:
+                p = self.backend.local(full)
                 dtype = torch.float32 if cfg.fp32_optimizer_states else p.dtype
-                m = have.get(id(p), {})
+                m = have.get(id(full), {})
                 for key in ("exp_avg", "exp_avg_sq"):
                     out[key].append(
                         m[key].to("cpu", dtype) if key in m else torch.zeros(p.shape, dtype=dtype)

@@ -33,6 +33,9 @@ the optimizer makes them:
     whether this rank keeps the unit's optimizer state and steps it (ZeRO-1 style sharding).
 ``broadcast_updates(unit_ids)``
     after the owners stepped: every rank receives the new weights.
+``export_state(value, param)`` / ``import_state(value, param)``
+    an optimizer state of ``param`` as this rank keeps it -> as it is saved (sharded backends: a
+    ``DTensor``), and any saved form -> as this rank keeps it.
 ``consolidate_state_dict(sd)``
     the optimizer's state dict -> one that is complete and independent of the world size
     (may be a collective: call ``state_dict()`` on every rank).
@@ -65,6 +68,8 @@ class DataParallelBackend:
     gradients_final_in_hooks: bool = True
     #: probing hands whole layers' local gradients to ``reduce_probe_unit`` (else per-parameter norms)
     probe_needs_whole_units: bool = False
+    #: a GradScaler's per-rank overflow check agrees on every rank
+    supports_grad_scaler: bool = True
 
     def attach(
         self, units: Sequence[Sequence[nn.Parameter]], on_reduced: Callable[[list[int]], None] | None = None
@@ -111,6 +116,14 @@ class DataParallelBackend:
     def broadcast_updates(self, unit_ids: Sequence[int]) -> None:
         """After the owners stepped these units: every rank holds their new weights."""
 
+    def export_state(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """An optimizer state of ``param`` as kept -> as saved."""
+        return value
+
+    def import_state(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """A saved optimizer state of ``param`` -> as this rank keeps it."""
+        return value
+
     def consolidate_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
         """The optimizer's state dict, complete and independent of the world size."""
         return sd
@@ -133,9 +146,10 @@ def _is_ddp(model: nn.Module) -> bool:
 def resolve_backend(distributed: Any, model: nn.Module) -> DataParallelBackend:
     """The ``distributed`` argument of ``GrassOptimizer`` -> a backend.
 
-    ``"auto"``: the replicated backend when ``torch.distributed`` is initialised with more than one
-    rank, else :class:`LocalBackend`. ``True``: the replicated backend (the process group must be
-    initialised). ``None``/``False``: :class:`LocalBackend`. A :class:`DataParallelBackend`: used.
+    ``"auto"``: ``FSDP2Backend`` for a model sharded with ``fully_shard``; else the replicated backend
+    when ``torch.distributed`` is initialised with more than one rank; else :class:`LocalBackend`.
+    ``True``: the same, but a process group must be initialised. ``None``/``False``: :class:`LocalBackend`
+    (not for an FSDP2 model). A :class:`DataParallelBackend`: used.
     """
     if _is_ddp(model):
         raise TypeError(
@@ -145,14 +159,27 @@ def resolve_backend(distributed: Any, model: nn.Module) -> DataParallelBackend:
         )
     if isinstance(distributed, DataParallelBackend):
         return distributed
-    if distributed is None or distributed is False:
-        return LocalBackend()
     import torch.distributed as dist
 
     initialized = dist.is_available() and dist.is_initialized()
+    fsdp2 = False
+    if initialized:
+        from grass_llm.distributed.fsdp2 import is_fsdp2_model
+
+        fsdp2 = is_fsdp2_model(model)
+    if distributed is None or distributed is False:
+        if fsdp2:
+            raise ValueError(
+                "the model is sharded with FSDP2 (fully_shard); allowed: distributed='auto' or True"
+            )
+        return LocalBackend()
     if distributed is True or distributed == "auto":
         if distributed is True and not initialized:
             raise RuntimeError("distributed=True needs torch.distributed.init_process_group() first")
+        if fsdp2:
+            from grass_llm.distributed.fsdp2 import FSDP2Backend
+
+            return FSDP2Backend(model)
         if initialized and (distributed is True or dist.get_world_size() > 1):
             from grass_llm.distributed.replicated import ReplicatedBackend
 

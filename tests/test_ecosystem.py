@@ -322,6 +322,19 @@ def test_second_optimizer_closes_the_first_and_context_manager_closes():
     assert third.closed and all(p.requires_grad for p in model.parameters())
 
 
+def test_failed_construction_leaves_the_model_as_it_was():
+    model = make_tiny_llama(num_layers=3)
+    for layer in model.model.layers:
+        layer.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="every parameter of the decoder blocks is frozen"):
+        GrassOptimizer(model, GrassConfig(active_layers=1, probe_steps=0), lr=1e-2)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    x = batches(1)[0]
+    model(input_ids=x, labels=x).loss.backward()  # no hook of the failed optimizer frees gradients
+    assert model.lm_head.weight.grad is not None
+
+
 # ----------------------------------------------------------------------------------------------
 # multimodal and encoder-decoder models
 

@@ -151,11 +151,13 @@ class GrassOptimizer(torch.optim.Optimizer):
         layers: override for the decoder blocks: a dotted module path or ``model -> blocks``
             (default: ``config.layers``, else introspection).
         foreach: passed to the functional AdamW (``None``: PyTorch's default for the device).
-        distributed: the data-parallel backend (``grass_llm.distributed``): ``"auto"`` uses the replicated
-            backend when torch.distributed is initialised with more than one rank; ``None``/``False``: one
-            process; or a ``DataParallelBackend`` (e.g. ``ReplicatedBackend(shard_optimizer_states=True)``).
-            Do not wrap the model in DDP yourself; a DDP wrapper put around it later (the HF Trainer
-            under torchrun) is detected and its own gradient reduction switched off.
+        distributed: the data-parallel backend (``grass_llm.distributed``): ``"auto"`` uses
+            ``FSDP2Backend`` for a model sharded with ``fully_shard``, the replicated backend when
+            torch.distributed is initialised with more than one rank, else one process;
+            ``None``/``False``: one process; or a ``DataParallelBackend`` (e.g.
+            ``ReplicatedBackend(shard_optimizer_states=True)``). Do not wrap the model in DDP yourself; a
+            DDP wrapper put around it later (the HF Trainer under torchrun) is detected and its own
+            gradient reduction switched off.
         decay_bias_and_norm: also apply weight decay to biases and normalisation weights (default:
             not, as the transformers Trainer does).
     """
@@ -200,7 +202,16 @@ class GrassOptimizer(torch.optim.Optimizer):
                 "before the gradient all-reduce); set step_in_backward=False or distributed=False"
             )
         self.model = model
+        self._handles: list[Any] = []
         original = self._attach_to_model(model)
+        try:
+            self._build(model, original, lr, betas, eps, weight_decay, foreach, decay_bias_and_norm)
+        except BaseException:  # leave the model as it was
+            _detach(self._handles, self.backend, original)
+            _ATTACHED.pop(model, None)
+            raise
+
+    def _build(self, model, original, lr, betas, eps, weight_decay, foreach, decay_bias_and_norm) -> None:
         # parameters the user froze before any GRASS optimizer touched the model stay frozen
         self._user_frozen = {id(p) for p, flag in original.items() if not flag}
         self._no_decay = set() if decay_bias_and_norm else no_weight_decay_ids(model)
@@ -261,14 +272,13 @@ class GrassOptimizer(torch.optim.Optimizer):
 
         # per-parameter squared gradient norms of the current step, on the device
         trained = [p for g in self._units for p in g["params"] if id(p) not in self._user_frozen]
-        if not any(id(p) in {id(q) for q in trained} for ps in self.groups.block_params for p in ps):
+        self._pidx = {id(p): k for k, p in enumerate(trained)}
+        if not any(id(p) in self._pidx for ps in self.groups.block_params for p in ps):
             raise ValueError(
                 "every parameter of the decoder blocks is frozen (requires_grad=False): nothing to train"
             )
-        self._pidx = {id(p): k for k, p in enumerate(trained)}
-        self._param_sumsq = torch.zeros(
-            len(trained), dtype=torch.float64, device=device
-        )  # squares of scaled grads must not overflow
+        # float64: the squares of gradients scaled by a GradScaler must not overflow
+        self._param_sumsq = torch.zeros(len(trained), dtype=torch.float64, device=device)
         layer_of = [-1] * len(trained)
         for i, params in enumerate(self.groups.block_params):
             for p in params:
@@ -288,9 +298,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         )
         self._sib_ready: dict[int, int] = {}  # unit -> gradients ready in this backward
         self._sib_stepped: set[int] = set()  # units updated in backward since step()
-        self._handles: list[Any] = [
-            p.register_post_accumulate_grad_hook(_weak(self, "_on_grad")) for p in trained
-        ]
+        self._handles += [p.register_post_accumulate_grad_hook(_weak(self, "_on_grad")) for p in trained]
         self._handles.append(model.register_forward_pre_hook(_weak(self, "_before_forward")))
         for block in self.groups.blocks:
             self._handles.append(block.register_forward_pre_hook(_weak(self, "_before_block")))

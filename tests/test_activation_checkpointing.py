@@ -31,8 +31,11 @@ def test_only_frozen_blocks_above_the_lowest_active_one_are_recomputed():
     plain = make_tiny_llama(num_layers=5)
     model = copy.deepcopy(plain)
     assert checkpoint_frozen_blocks(model) == 5
-    for m in (plain, model):
-        GrassOptimizer(m, GrassConfig(probe_steps=0)).activate([1, 3])
+    opts = [
+        GrassOptimizer(m, GrassConfig(probe_steps=0)) for m in (plain, model)
+    ]  # kept alive: they set the flags
+    for opt in opts:
+        opt.activate([1, 3])
     calls = _count_calls(model)
     model(input_ids=ids, labels=ids).loss.backward()
     # below the lowest active: no backward; active: saved; frozen above it: recomputed in backward

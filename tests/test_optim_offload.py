@@ -151,3 +151,12 @@ def test_trained_embeddings_and_head_are_staged_in_chunks(monkeypatch):
     ):
         for key, value in st.items():
             assert torch.equal(value, st_off[key]), (idx, key)
+
+
+def test_state_dict_leaves_the_offloaded_state_where_it_lives():
+    """state_dict() copies the offloaded moments into its result only: the optimizer's own per-parameter
+    state keeps just the step counter (the moments stay in the offloader's host buffers, once)."""
+    _, opt, _ = _run(True, steps=6)
+    sd = opt.state_dict()
+    assert any("exp_avg" in st for st in sd["state"].values())
+    assert all(set(st) == {"step"} for st in opt.state.values())

@@ -749,7 +749,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         action="append",
         default=None,
-        help="method(s) to estimate, repeatable or comma separated: grass-llm train's methods (default grass)",
+        help=f"method(s) to estimate, repeatable or comma separated: {', '.join(methods())} (default grass)",
     )
     parser.add_argument(
         "--active-layers",

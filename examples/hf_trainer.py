@@ -8,6 +8,8 @@ Two things to do:
 2. `add_grass_callback(trainer)` logs active layers, MGN and probabilities per layer
    (`grass/active/layer_i`, `grass/mgn/layer_i`, `grass/prob/layer_i`) to every reporter.
 The Trainer's clipping (max_grad_norm), accumulation and mixed precision need no change.
+Optional: `compute_loss_func=ChunkedCausalLMLoss(model)` computes the same loss without the full fp32
+logits (the largest activation for a large vocabulary).
 """
 
 import tempfile
@@ -15,7 +17,7 @@ import tempfile
 import torch
 from transformers import Trainer, TrainingArguments
 
-from grass_llm import GrassConfig
+from grass_llm import ChunkedCausalLMLoss, GrassConfig
 from grass_llm.data import builtin_sample, builtin_tokenizer, tokenize_records
 from grass_llm.integrations.hf import add_grass_callback, create_grass_optimizer_and_scheduler
 from grass_llm.recipes.models import tiny_llama
@@ -63,6 +65,7 @@ trainer = Trainer(
     train_dataset=examples,
     data_collator=collate,
     optimizers=(optimizer, scheduler),
+    compute_loss_func=ChunkedCausalLMLoss(model),  # same loss, no (B, T, vocab) fp32 logits
 )
 add_grass_callback(trainer)
 trainer.train()

@@ -36,7 +36,12 @@ does not advance probing or the sampling period.
 
 The AdamW arithmetic is PyTorch's own functional ``torch.optim.adam.adam`` with
 ``decoupled_weight_decay=True``, called with the same defaults as ``torch.optim.AdamW``, so with every
-layer active the result equals ``torch.optim.AdamW`` bit for bit. By default weight decay skips biases
+layer active the result equals ``torch.optim.AdamW`` bit for bit (fp32 weights, or bf16 weights with
+``update_rounding="nearest"`` and no masters). It runs on pieces of at most a few million elements (AdamW
+is elementwise, so the numbers do not change) to bound the temporaries of the update, and, with offload,
+on the chunks the offloader stages. bf16/fp16 weights do not lose updates below their resolution: by
+default they get fp32 master weights in host memory under offload, else a Kahan compensation buffer
+(``GrassConfig.fp32_master_weights``, ``GrassConfig.update_rounding``). By default weight decay skips biases
 and normalisation weights (the transformers Trainer's convention); ``decay_bias_and_norm=True``
 decays every trained parameter. ``param_groups`` has one group per unit (each decoder layer,
 ``embeddings``, ``norm``, ``head``) so LR schedulers change the LR applied, then the loss-scale probe.
@@ -72,6 +77,35 @@ __all__ = ["GrassOptimizer", "no_weight_decay_ids"]
 
 _EXTRA_GROUPS = ("embeddings", "norm", "head")
 _SCALE_UNIT = "loss_scale_probe"
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+#: Offloaded states are staged in chunks of at most this many bytes: the device holds two of them (the chunk
+#: being updated and the next one, prefetched), whatever the size of a layer, the embeddings or the head.
+OFFLOAD_CHUNK_BYTES = 32 * 2**20
+#: Without offload the update runs on pieces of at most this many elements (bounds its fp32 temporaries).
+UPDATE_CHUNK_ELEMENTS = 4 * 2**20
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite (one host sync). True on ``meta`` tensors, which hold no
+    values: ``grass-llm memory`` steps the optimizer on them."""
+    return t.device.type == "meta" or bool(torch.isfinite(t).all())
+
+
+def _hash32(x: int) -> int:
+    """A 32-bit integer hash (mixes the stochastic-rounding key)."""
+    x &= 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_hash32` elementwise on an int64 tensor of values in [0, 2**32) (no product exceeds 2**59)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
 # parameter names that take no weight decay by default (transformers' Trainer convention)
 _NO_DECAY_NAMES = [
     re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
@@ -284,8 +318,11 @@ class GrassOptimizer(torch.optim.Optimizer):
             for p in params:
                 if id(p) in self._pidx:
                     layer_of[self._pidx[id(p)]] = i
-        self._param_layer = torch.tensor(layer_of, dtype=torch.long, device=device)
-        self._block_mask = self._param_layer >= 0
+        # the decoder-block entries of _param_sumsq and their layers, as index tensors: boolean-mask
+        # indexing would sync the device (and cannot run on the meta tensors of grass-llm memory)
+        rows = [k for k, layer in enumerate(layer_of) if layer >= 0]
+        self._block_rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self._block_layers = torch.tensor([layer_of[k] for k in rows], dtype=torch.long, device=device)
         self._layer_of = {id(p): i for i, ps in enumerate(self.groups.block_params) for p in ps}
         self._probe_params = [[p for p in ps if id(p) in self._pidx] for ps in self.groups.block_params]
         self._unit_of = {id(p): j for j, g in enumerate(self._units) for p in g["params"]}
@@ -382,6 +419,22 @@ class GrassOptimizer(torch.optim.Optimizer):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters stepped now: active layers plus the always-trained groups."""
         return [p for g in self._trained_groups() for p in g["params"] if id(p) not in self._user_frozen]
+
+    def activate(self, layers: Iterable[int]) -> None:
+        """Train ``layers`` (decoder layer indices) from now until the next draw, instead of the drawn ones.
+
+        The active set is forced until the end of the current period, when the sampler draws as usual
+        (``period`` and the policy are unchanged). For experiments and for ``grass-llm memory``, which
+        activates the lowest layers (the worst case for activation memory). Raises during probing.
+        """
+        if self.probing:
+            raise RuntimeError("activate() during probing: the active layers are set when probing ends")
+        chosen = sorted({int(i) for i in layers})
+        if not chosen or chosen[0] < 0 or chosen[-1] >= self.num_layers:
+            raise ValueError(
+                f"layers={list(layers)!r} is invalid; allowed: a non-empty set of layers in 0..{self.num_layers - 1}"
+            )
+        self._activate(chosen)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -525,7 +578,7 @@ class GrassOptimizer(torch.optim.Optimizer):
     def _layer_sumsq(self) -> torch.Tensor:
         """Per-layer sums of the per-parameter squared norms (1-D, ``num_layers``)."""
         out = torch.zeros(self.num_layers, dtype=torch.float64, device=self._param_sumsq.device)
-        return out.index_add_(0, self._param_layer[self._block_mask], self._param_sumsq[self._block_mask])
+        return out.index_add_(0, self._block_layers, self._param_sumsq.index_select(0, self._block_rows))
 
     def _on_reduced(self, unit_ids: list[int]) -> None:
         """The backend reduced these units' gradients: read their squared norms now (training)."""
@@ -635,7 +688,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         if overflow:
             self._skip("overflow")
             return
-        if not bool(torch.isfinite(sumsq).all()):
+        if not _all_finite(sumsq):
             self._skip("non-finite gradients")
             return
         self.importance_tracker.observe(sumsq, range(self.num_layers))
@@ -679,11 +732,11 @@ class GrassOptimizer(torch.optim.Optimizer):
             now += torch.stack(torch._foreach_norm(grads, 2)).double().square().sum().to(sumsq.device)
         vec = torch.cat([sumsq, now])
         self.backend.reduce_sumsq_(vec)
-        if not bool(torch.isfinite(vec).all()):
+        if not _all_finite(vec):
             self._skip("non-finite gradients")
             return
         layer_sumsq = torch.zeros(self.num_layers, dtype=torch.float64, device=sumsq.device)
-        layer_sumsq.index_add_(0, self._param_layer[self._block_mask], vec[:-1][self._block_mask])
+        layer_sumsq.index_add_(0, self._block_layers, vec[:-1].index_select(0, self._block_rows))
         self.importance_tracker.observe(layer_sumsq, sorted(have | done))
         if grad_scale is not None and grads:  # the scaler left the unscaling to us
             torch._foreach_mul_(grads, 1.0 / float(grad_scale))
@@ -704,106 +757,223 @@ class GrassOptimizer(torch.optim.Optimizer):
                 self._offloader.prefetch(order[0]["unit"])
 
     def _step_groups(self, groups: list[dict[str, Any]]) -> None:
-        """AdamW on each group in turn. With offload, a group's state is staged on the device just for
-        its update: the next group's copy-in is issued before this group's update (prefetch), and the
-        write-back is queued right after it (see grass_llm.offload for the stream/event invariants)."""
+        """AdamW on each group in turn. With offload, a group's state is staged on the device chunk by chunk
+        just for its update: the next chunk's copy-in (or the next group's first) is issued before this
+        chunk's update (prefetch), and the write-back is queued right after it (see grass_llm.offload for
+        the stream/event invariants)."""
         off = self._offloader
         if off is not None and groups:
             off.prefetch(groups[0]["unit"])
         for i, group in enumerate(groups):
-            staged = None
-            if off is not None:
-                staged = off.acquire(group["unit"])
-                if i + 1 < len(groups):
-                    off.prefetch(groups[i + 1]["unit"])
-            self._adamw_group(group, staged)
-            if off is not None:
-                off.release(group["unit"])
+            self._update_unit(group, groups[i + 1]["unit"] if i + 1 < len(groups) else None)
 
-    def _adamw_group(
-        self, group: dict[str, Any], staged: dict[str, list[torch.Tensor]] | None = None
-    ) -> None:
-        cfg = self.config
-        local = self.backend.local  # FSDP2: this rank's shard; its state covers the shard only
-        params, grads, exp_avgs, exp_avg_sqs, steps, masters, ids = [], [], [], [], [], [], []
-        for full in group["params"]:
-            if full.grad is None:
-                continue
-            if full.grad.is_sparse:
+    def _update_unit(self, group: dict[str, Any], next_unit: str | None = None) -> None:
+        """One AdamW step of a unit's parameters that have a gradient, in pieces; with offload, chunk by chunk
+        (acquire, prefetch the next chunk or ``next_unit``'s first, update, release)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.is_sparse:
                 raise RuntimeError("GrassOptimizer does not support sparse gradients")
-            state = self.state[full]
-            p = local(full)
+        step_of = self._advance_steps(params)
+        off = self._offloader
+        if off is None:
+            pieces = []
+            for full in params:
+                self._ensure_precision_state(full)
+                p = self.backend.local(full)  # FSDP2: this rank's shard; its state covers the shard only
+                n = p.numel()
+                if n <= UPDATE_CHUNK_ELEMENTS or not p.is_contiguous():
+                    pieces.append((full, 0, n))
+                else:
+                    pieces += [
+                        (full, a, min(a + UPDATE_CHUNK_ELEMENTS, n))
+                        for a in range(0, n, UPDATE_CHUNK_ELEMENTS)
+                    ]
+            size, chunk = 0, []
+            for piece in pieces:
+                if chunk and size + piece[2] - piece[1] > UPDATE_CHUNK_ELEMENTS:
+                    self._adamw_pieces(group, chunk, None, step_of)
+                    size, chunk = 0, []
+                chunk.append(piece)
+                size += piece[2] - piece[1]
+            if chunk:
+                self._adamw_pieces(group, chunk, None, step_of)
+            return
+        unit, registered = group["unit"], self._offload_params[group["unit"]]
+        n_chunks = off.num_chunks(unit)
+        for c in range(n_chunks):
+            staged = off.acquire(unit, c)
+            if c + 1 < n_chunks:
+                off.prefetch(unit, c + 1)
+            elif next_unit is not None:
+                off.prefetch(next_unit)
+            pieces = [(registered[i], a, b) for i, a, b in off.chunk_pieces(unit, c)]
+            keep = [k for k, (p, _, _) in enumerate(pieces) if p.grad is not None]
+            if keep:
+                self._adamw_pieces(
+                    group,
+                    [pieces[k] for k in keep],
+                    {key: [ts[k] for k in keep] for key, ts in staged.items()},
+                    step_of,
+                )
+            off.release(unit, c)
+
+    def _advance_steps(self, params: list[torch.Tensor]) -> dict[int, float]:
+        """Count this step in each parameter's ``step`` (torch.optim's state layout); id -> new step."""
+        out = {}
+        for p in params:
+            state = self.state[p]
             if "step" not in state:
                 # same initial state as torch.optim.Adam._init_group (non-capturable, non-fused)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                if staged is None:
-                    dtype = torch.float32 if cfg.fp32_optimizer_states else p.dtype
-                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(
-                        p, dtype=dtype, memory_format=torch.preserve_format
-                    )
-                    if cfg.fp32_master_weights:
-                        state["master"] = p.detach().to(torch.float32, copy=True)
-            if staged is not None:
-                k = self._offload_index[id(full)]
-                exp_avgs.append(staged["exp_avg"][k])
-                exp_avg_sqs.append(staged["exp_avg_sq"][k])
-                if "master" in staged:
-                    masters.append(staged["master"][k])
-            else:
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                if "master" in state:
-                    masters.append(state["master"])
-            params.append(p)
-            grads.append(local(full.grad))
-            steps.append(state["step"])
-            ids.append(id(full))
-        if not params:
+            state["step"] += 1
+            out[id(p)] = float(state["step"])
+        return out
+
+    def _ensure_precision_state(self, full: torch.Tensor) -> None:
+        """In-memory state of ``full``: the moments, and the master or compensation its precision needs. A
+        state loaded from a run with the other precision setting is converted (master <-> compensation)."""
+        state = self.state[full]
+        p = self.backend.local(full)
+        if "exp_avg" not in state:
+            dtype = torch.float32 if self.config.fp32_optimizer_states else p.dtype
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        exact = self._exact_value(p, state)
+        if self._use_master:
+            if "master" not in state:
+                state["master"] = exact if exact is not None else p.detach().to(torch.float32, copy=True)
+            state.pop("compensation", None)
             return
-        # the tensors AdamW updates: the weights themselves, their fp32 masters, or (fp32 moments
-        # without masters) fp32 copies that are written back after the update
+        state.pop("master", None)
+        if self._rounding == "kahan" and p.dtype in _LOW_PRECISION:
+            if "compensation" not in state:
+                state["compensation"] = (
+                    torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if exact is None
+                    else (exact - p.detach().float()).to(p.dtype)
+                )
+        elif "compensation" in state:
+            p.detach().copy_(exact)  # fold the owed rounding error into the weight
+            state.pop("compensation")
+
+    @staticmethod
+    def _exact_value(p: torch.Tensor, state: dict[str, Any]) -> torch.Tensor | None:
+        """The fp32 value a master or a compensation buffer in ``state`` says ``p`` has, else None."""
+        if "master" in state:
+            return state["master"].to(p.device, torch.float32)
+        if "compensation" in state:
+            return p.detach().float() + state["compensation"].float()
+        return None
+
+    def _adamw_pieces(
+        self,
+        group: dict[str, Any],
+        pieces: list[tuple[torch.Tensor, int, int]],
+        staged: dict[str, list[torch.Tensor]] | None,
+        step_of: dict[int, float],
+    ) -> None:
+        """AdamW on flat element ranges ``(param, start, stop)`` of the group's parameters (a whole parameter
+        keeps its shape), with the state from ``staged`` (offload) or ``self.state``."""
+        local = self.backend.local  # FSDP2: this rank's shard; its state covers the shard only
+        buckets: dict[tuple[torch.dtype, bool], dict[str, list]] = {}
+        for k, (full, a, b) in enumerate(pieces):
+            p = local(full).detach()
+            whole = (a, b) == (0, p.numel())
+            # biases and norm weights take no weight decay unless decay_bias_and_norm (class docstring)
+            key = (p.dtype, id(full) not in self._no_decay)
+            lists = buckets.setdefault(key, {"p": [], "g": [], "step": [], "where": []})
+
+            def cut(t: torch.Tensor, whole=whole, a=a, b=b) -> torch.Tensor:
+                return t if whole else t.reshape(-1)[a:b]
+
+            lists["p"].append(p if whole else p.view(-1)[a:b])
+            lists["g"].append(cut(local(full.grad)))
+            lists["step"].append(torch.tensor(step_of[id(full)] - 1, dtype=torch.float32))
+            lists["where"].append((self._param_numbers[id(full)], a))
+            if staged is not None:
+                for name, ts in staged.items():
+                    lists.setdefault(name, []).append(ts[k])
+            else:
+                for name, t in self.state[full].items():
+                    if name != "step":
+                        lists.setdefault(name, []).append(cut(t))
+        for (_, decay), lists in buckets.items():
+            self._adamw_update(group, lists, group["weight_decay"] if decay else 0.0)
+
+    def _adamw_update(self, group: dict[str, Any], lists: dict[str, list], weight_decay: float) -> None:
+        params, grads, exp_avgs, exp_avg_sqs = lists["p"], lists["g"], lists["exp_avg"], lists["exp_avg_sq"]
+        masters, comps = lists.get("master"), lists.get("compensation")
+        low = params[0].dtype in _LOW_PRECISION
+        rounding = self._rounding if low and not masters else "nearest"
+        # the tensors AdamW updates: the weights themselves, their fp32 masters, or fp32 copies that are
+        # written back after the update (fp32 moments, or a rounding that needs the exact new value)
         if masters:
             targets = masters
-        elif exp_avgs[0].dtype != params[0].dtype:
-            targets = [p.detach().to(exp_avgs[0].dtype) for p in params]
+        elif rounding == "kahan" and comps:
+            targets = [p.float() + c.float() for p, c in zip(params, comps)]
+        elif rounding == "stochastic" or exp_avgs[0].dtype != params[0].dtype:
+            targets = [p.to(torch.float32, memory_format=torch.contiguous_format) for p in params]
         else:
             targets = params
-        if targets is not params:
-            grads = [g.to(targets[0].dtype) for g in grads]
+        dtype = targets[0].dtype
+        grads = grads if grads[0].dtype == dtype else [g.to(dtype) for g in grads]
+        # bf16 moments with an fp32 update: computed in fp32, stored back rounded
+        m_work = exp_avgs if exp_avgs[0].dtype == dtype else [m.to(dtype) for m in exp_avgs]
+        v_work = exp_avg_sqs if exp_avg_sqs[0].dtype == dtype else [v.to(dtype) for v in exp_avg_sqs]
         beta1, beta2 = group["betas"]
-        # biases and norm weights take no weight decay unless decay_bias_and_norm (class docstring)
-        decay = [i not in self._no_decay for i in ids]
-        for wd, keep in ((group["weight_decay"], True), (0.0, False)):
-            idx = [i for i, d in enumerate(decay) if d == keep]
-            if not idx:
-                continue
-            _functional_adam(
-                [targets[i] for i in idx],
-                [grads[i] for i in idx],
-                [exp_avgs[i] for i in idx],
-                [exp_avg_sqs[i] for i in idx],
-                [],
-                [steps[i] for i in idx],
-                foreach=group["foreach"],
-                capturable=False,
-                differentiable=False,
-                fused=None,
-                grad_scale=None,
-                found_inf=None,
-                has_complex=any(torch.is_complex(params[i]) for i in idx),
-                decoupled_weight_decay=True,
-                amsgrad=False,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=wd,
-                eps=group["eps"],
-                maximize=False,
-            )
-        if targets is not params:
-            for p, t in zip(params, targets):
+        _functional_adam(
+            targets,
+            grads,
+            m_work,
+            v_work,
+            [],
+            lists["step"],
+            foreach=group["foreach"],
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            grad_scale=None,
+            found_inf=None,
+            has_complex=any(torch.is_complex(p) for p in params),
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=weight_decay,
+            eps=group["eps"],
+            maximize=False,
+        )
+        if m_work is not exp_avgs:
+            for m, w in zip(exp_avgs, m_work):
+                m.copy_(w)
+            for v, w in zip(exp_avg_sqs, v_work):
+                v.copy_(w)
+        if targets is params:
+            return
+        for i, (p, t) in enumerate(zip(params, targets)):
+            if rounding == "stochastic":
+                self._stochastic_round_(p, t, lists["where"][i])
+            else:
                 p.copy_(t)
+                if rounding == "kahan" and comps:
+                    comps[i].copy_(t - p.float())
+
+    def _stochastic_round_(self, dst: torch.Tensor, src: torch.Tensor, where: tuple[int, int]) -> None:
+        """``dst`` (bf16) <- ``src`` (fp32) rounded up or down with probability proportional to the distance.
+
+        The random bits are a hash of (seed, step, parameter, element index): reproducible, and the same
+        whichever way the parameter is cut into pieces or chunks."""
+        index, start = where
+        key = (self.config.seed * 1_000_003 + self.global_step) * 1_000_003 + index
+        base = _hash32(key & 0xFFFFFFFF)
+        n = src.numel()
+        x = torch.arange(start, start + n, dtype=torch.int64, device=src.device)
+        rand = _hash32_((x + base) & 0xFFFFFFFF) & 0xFFFF
+        bits = src.contiguous().view(-1).view(torch.int32) + rand.to(torch.int32)
+        bits &= -65536  # clear the 16 bits bf16 drops: truncating after the random carry
+        dst.copy_(bits.view(torch.float32).view(dst.shape))
 
     # ------------------------------------------------------------------------------------------
     # step_in_backward: each trained unit is updated from its gradient-ready hooks
@@ -839,46 +1009,72 @@ class GrassOptimizer(torch.optim.Optimizer):
         idx = [self._pidx[id(q)] for q in group["params"] if q.grad is not None and id(q) in self._pidx]
         # one host sync per unit: a unit with a non-finite gradient is not updated (units updated earlier
         # in this backward stay updated; step() then counts the step as skipped)
-        if idx and not bool(torch.isfinite(self._param_sumsq[idx]).all()):
+        if idx and not _all_finite(self._param_sumsq[idx]):
             for q in group["params"]:
                 q.grad = None
             return
-        off = self._offloader
-        staged = None
-        if off is not None:
-            staged = off.acquire(group["unit"])
+        following = None
+        if self._offloader is not None:
             done = {self._units[k]["unit"] for k in self._sib_stepped}
             later = [g for g in self._backward_order() if g["unit"] not in done]
             if later:
-                off.prefetch(later[0]["unit"])  # its copy-in overlaps this update and the backward below
-        self._adamw_group(group, staged)
-        if off is not None:
-            off.release(group["unit"])
+                following = later[0]["unit"]  # its copy-in overlaps this update and the backward below
+        self._update_unit(group, following)
         for q in group["params"]:
             q.grad = None  # invariant: queued kernels keep the memory alive (caching allocator, same stream)
 
     def _make_offloader(self, device: torch.device):
-        """A LayerStateOffloader with one unit per param group, or None when offload is off."""
+        """A LayerStateOffloader with one unit per param group that can be trained (every decoder layer, and
+        the embeddings / norm / head only when the config trains them), or None when offload is off. Also
+        settles the update precision (masters, compensation) that the registered state layout holds."""
         cfg = self.config
-        on = device.type == "cuda" if cfg.offload == "auto" else bool(cfg.offload)
+        # auto: on for CUDA; meta is where grass-llm memory runs a CUDA configuration on fake tensors
+        on = device.type in ("cuda", "meta") if cfg.offload == "auto" else bool(cfg.offload)
+        trainable = [g for g in self._units if g["layer"] is not None or g["unit"] in self._always]
+        low = {p.dtype for g in trainable for p in g["params"]} & set(_LOW_PRECISION)
+        # a parameter's position among all of them keys its stochastic-rounding random bits
+        self._param_numbers = {
+            id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
+        }
+        master = cfg.fp32_master_weights
+        self._use_master = bool(low) and (master is True or (master == "auto" and on))
+        self._rounding = cfg.update_rounding if low and not self._use_master else "nearest"
+        if self._rounding == "stochastic" and torch.float16 in low:
+            raise ValueError(
+                "update_rounding='stochastic' supports bf16 weights, the model has fp16 ones; allowed for fp16: "
+                "kahan, nearest, or fp32_master_weights=True"
+            )
         if not on:
             return None
         from grass_llm.offload import LayerStateOffloader
 
-        off = LayerStateOffloader(device, overlap=cfg.overlap)
+        off = LayerStateOffloader(device, overlap=cfg.overlap, chunk_bytes=OFFLOAD_CHUNK_BYTES)
         self._offload_index: dict[int, int] = {}
-        for group in self._units:
+        self._offload_params: dict[str, list[torch.Tensor]] = {}
+        self._offload_keys: dict[str, set[str]] = {}
+        for group in trainable:
             params = [p for p in group["params"] if id(p) not in self._user_frozen]
             if not params:
                 continue
+            comp = self._rounding == "kahan" and any(p.dtype in _LOW_PRECISION for p in params)
             off.register(
                 group["unit"],
-                [self.backend.local(p) for p in params],
+                [self.backend.local(p) for p in params],  # FSDP2: this rank's shards
                 fp32_states=cfg.fp32_optimizer_states,
-                fp32_master=cfg.fp32_master_weights,
+                fp32_master=self._use_master,
+                compensation=comp,
             )
             self._offload_index.update({id(p): k for k, p in enumerate(params)})
+            self._offload_params[group["unit"]] = params
+            keys = {"exp_avg", "exp_avg_sq"} | ({"master"} if self._use_master else set())
+            self._offload_keys[group["unit"]] = keys | ({"compensation"} if comp else set())
         return off
+
+    @property
+    def precision(self) -> str:
+        """How updates reach bf16/fp16 weights: ``master`` (fp32 master weights), ``kahan``, ``stochastic`` or
+        ``nearest`` (also for fp32 weights, which are updated exactly); settled from the config at construction."""
+        return "master" if self._use_master else self._rounding
 
     @property
     def offloader(self):
@@ -1101,31 +1297,32 @@ class GrassOptimizer(torch.optim.Optimizer):
         return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     def _fill_units(self, offloaded: dict[str, dict[str, list]]) -> dict[str, dict[str, list[torch.Tensor]]]:
-        """Offloader state for the units in a checkpoint; parameters without saved moments get zeros
-        (and a master copy of their current value), as a first use would give them."""
+        """Offloader state for the units in a checkpoint, in the layout registered now; parameters without
+        saved moments get zeros (and a master copy of their current value), as a first use would give them.
+        A master saved by a run with the other precision setting becomes a compensation and vice versa."""
         cfg = self.config
         units = {}
         for unit, entry in offloaded.items():
             have = {id(p): m for p, m in entry["_items"]}
-            group = self._units[self._unit_id[unit]]
-            params = [p for p in group["params"] if id(p) in self._offload_index]
-            out: dict[str, list[torch.Tensor]] = {"exp_avg": [], "exp_avg_sq": []}
-            if cfg.fp32_master_weights:
-                out["master"] = []
-            for full in params:
-                p = self.backend.local(full)
+            keys = self._offload_keys[unit]
+            out: dict[str, list[torch.Tensor]] = {key: [] for key in sorted(keys)}
+            for full in self._offload_params[unit]:
+                p = self.backend.local(full).detach()
                 dtype = torch.float32 if cfg.fp32_optimizer_states else p.dtype
                 m = have.get(id(full), {})
                 for key in ("exp_avg", "exp_avg_sq"):
                     out[key].append(
                         m[key].to("cpu", dtype) if key in m else torch.zeros(p.shape, dtype=dtype)
                     )
-                if cfg.fp32_master_weights:
-                    master = m.get("master")
-                    out["master"].append(
-                        master.to("cpu", torch.float32)
-                        if master is not None
-                        else p.detach().to("cpu", torch.float32)
+                current = p.to("cpu", torch.float32)
+                exact = self._exact_value(p.cpu(), m)
+                if "master" in keys:
+                    out["master"].append(exact if exact is not None else current)
+                if "compensation" in keys:
+                    out["compensation"].append(
+                        (exact - current).to(p.dtype)
+                        if exact is not None
+                        else torch.zeros(p.shape, dtype=p.dtype)
                     )
             units[unit] = out
         return units

@@ -210,6 +210,9 @@ class LayerStateOffloader:
             to profile and debug, no overlap). Ignored elsewhere.
         chunk_bytes: stage units in chunks of at most this many bytes (see "Chunks" in the
             module docstring); ``None``: each unit is one chunk.
+        host_device: where the host buffers live: ``cpu``, or ``meta`` when ``grass-llm memory``
+            estimates a run whose device it models with fake CPU tensors (FSDP2 needs them), so that
+            the host buffers are not counted as device memory.
 
     The API is a lease protocol: ``register`` every unit once, then per step and chunk
     ``prefetch`` (optional, for overlap) -> ``acquire`` -> update the returned tensors in
@@ -223,8 +226,12 @@ class LayerStateOffloader:
         pin_memory: bool | str = "auto",
         overlap: bool = True,
         chunk_bytes: int | None = None,
+        host_device: torch.device | str = "cpu",
     ) -> None:
         device = torch.device(device)
+        self.host_device = torch.device(host_device)
+        if self.host_device.type not in ("cpu", "meta"):
+            raise ValueError(f"host_device={host_device!r} is invalid; allowed: cpu, meta")
         if pin_memory not in ("auto", True, False):
             raise ValueError(f"pin_memory must be 'auto', True or False, got {pin_memory!r}")
         if chunk_bytes is not None and (
@@ -636,7 +643,8 @@ class LayerStateOffloader:
         CPU must not write the buffer while the copy stream still reads or writes it.
         """
         if unit.host is None:
-            unit.host = torch.empty(unit.nbytes, dtype=torch.uint8, device="cpu", pin_memory=self._pin)
+            pin = self._pin and self.host_device.type == "cpu"
+            unit.host = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.host_device, pin_memory=pin)
         if unit.initialized or not init:
             return
         if unit.last_copy is not None:

@@ -86,9 +86,11 @@ UPDATE_CHUNK_ELEMENTS = 4 * 2**20
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every value of ``t`` is finite (one host sync). True on ``meta`` tensors, which hold no
-    values: ``grass-llm memory`` steps the optimizer on them."""
-    return t.device.type == "meta" or bool(torch.isfinite(t).all())
+    """Whether every value of ``t`` is finite (one host sync). True on fake and ``meta`` tensors, which hold
+    no values: ``grass-llm memory`` steps the optimizer on them."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t) or bool(torch.isfinite(t).all())
 
 
 def _hash32(x: int) -> int:

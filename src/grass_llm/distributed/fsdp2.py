@@ -47,13 +47,27 @@ from torch import nn
 
 from grass_llm.distributed.base import DataParallelBackend
 
-__all__ = ["FSDP2Backend", "is_fsdp2_model"]
+__all__ = ["FSDP2Backend", "apply_fsdp2", "is_fsdp2_model"]
 
 
 def _dtensor_cls():
     from torch.distributed.tensor import DTensor
 
     return DTensor
+
+
+def apply_fsdp2(model: nn.Module, layers: Any = None, mesh: Any = None) -> nn.Module:
+    """``fully_shard`` every decoder block (``grass_llm.discover_layers``; ``layers`` overrides it) and then
+    the root, on ``mesh`` (default: the world, on the current CUDA device or the CPU). Returns ``model``."""
+    from torch.distributed.fsdp import fully_shard
+
+    from grass_llm.layers import discover_layers
+
+    kwargs = {"mesh": mesh} if mesh is not None else {}
+    for block in discover_layers(model, layers).blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
 
 
 def is_fsdp2_model(model: nn.Module) -> bool:
@@ -144,6 +158,8 @@ class FSDP2Backend(DataParallelBackend):
         sumsq.copy_(buf)
 
     def broadcast_layers(self, layers: Sequence[int]) -> list[int]:
+        if dist.get_backend(self.group) == "fake":  # grass-llm memory's fake ranks: nothing to agree on
+            return list(layers)
         device = (
             torch.device("cuda", torch.cuda.current_device())
             if dist.get_backend(self.group) == "nccl"

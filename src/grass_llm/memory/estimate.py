@@ -50,6 +50,7 @@ from grass_llm.memory.tracker import ALLOCATOR_ROUND, CATEGORIES, LiveBytesTrack
 __all__ = [
     "CATEGORIES",
     "OPTIMIZER_IMPLS",
+    "PHASES",
     "MemoryEstimate",
     "MemoryEstimateError",
     "TrainingStep",
@@ -63,10 +64,12 @@ __all__ = [
     "training_step",
 ]
 
-#: How torch.optim's AdamW allocates its temporaries: ``auto`` (what torch picks on the modelled device:
-#: ``foreach`` on CUDA, one temporary per parameter of a group at once), ``foreach``, ``for-loop`` (one
-#: parameter at a time). GrassOptimizer's update runs on bounded pieces either way.
-OPTIMIZER_IMPLS = ("auto", "foreach", "for-loop")
+#: How torch.optim's AdamW allocates its temporaries: ``auto`` (what ``grass-llm train`` builds on CUDA: the
+#: fused kernel, no temporaries), ``fused``, ``foreach`` (one temporary per parameter of a group at once),
+#: ``for-loop`` (one parameter at a time). GrassOptimizer's update runs on bounded pieces either way.
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for-loop")
+#: What is estimated: a training step, or a probing step (backward through every layer, no update).
+PHASES = ("train", "probe")
 _CATEGORY_LABELS = {
     "weights": "weights",
     "gradients": "gradients",
@@ -136,14 +139,14 @@ def _config_name(config) -> str:
     return name or getattr(config, "model_type", "model")
 
 
-def _cuda_sdpa(original):
+def _cuda_sdpa(original, device_type: str = "meta"):
     """``F.scaled_dot_product_attention`` for ``meta`` tensors as a CUDA device runs it: the flash kernel for
     bf16/fp16 (head dim <= 256, multiple of 8, no mask), else the memory-efficient one (no mask, no grouped
     heads), else the math path. On ``meta`` SDPA would take the math path, which saves the (B, H, T, T)
     attention weights that a CUDA run never allocates. Both kernels have meta implementations and derivatives."""
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if query.device.type == "meta" and attn_mask is None and query.dim() == 4:
+        if query.device.type == device_type and attn_mask is None and query.dim() == 4:
             head_dim = query.shape[-1]
             grouped = key.shape[-3] != query.shape[-3]
             if query.dtype in (torch.bfloat16, torch.float16) and head_dim <= 256 and head_dim % 8 == 0:
@@ -162,7 +165,7 @@ def _cuda_sdpa(original):
 
 
 @contextlib.contextmanager
-def _fake_mode_patches(mode):
+def _fake_mode_patches(mode, device_type: str = "meta"):
     """Patches, active only during a fake run, that make it follow the path of a real CUDA one.
 
     1. ``nn.Module.to`` on fake parameters: ``Module._apply`` swaps them with
@@ -174,15 +177,19 @@ def _fake_mode_patches(mode):
        assumes packing: it then materialises a (B, T, T) mask and SDPA takes its masked path. The
        synthetic batch is one unpadded sequence per row, for which a real run finds no packing
        (``None``) and calls SDPA with ``is_causal=True``; the patch returns that ``None``.
-    3. SDPA takes the kernel a CUDA device would take (:func:`_cuda_sdpa`).
+    3. SDPA takes the kernel a CUDA device would take (:func:`_cuda_sdpa`), on ``device_type``: the
+       device that stands for CUDA (``meta``, or the fake CPU of an FSDP2 estimate).
+    4. torch.optim's fused AdamW, which ``grass-llm train`` builds on CUDA, accepts that device.
     """
     if mode is None:
         yield
         return
     import torch.nn.functional as F
+    import torch.optim.optimizer as torch_optimizer
     import torch.utils
 
     original_swap = torch.utils.swap_tensors
+    original_fused = torch_optimizer._get_fused_kernels_supported_devices
 
     def swap(t1, t2):
         converter = mode.fake_tensor_converter.meta_converter
@@ -197,7 +204,8 @@ def _fake_mode_patches(mode):
     original_sdpa = F.scaled_dot_product_attention
 
     torch.utils.swap_tensors = swap
-    F.scaled_dot_product_attention = _cuda_sdpa(original_sdpa)
+    F.scaled_dot_product_attention = _cuda_sdpa(original_sdpa, device_type)
+    torch_optimizer._get_fused_kernels_supported_devices = lambda: [*original_fused(), "meta"]
     if original_find is not None:
         masking_utils.find_packed_sequence_indices = lambda position_ids: None
     try:
@@ -205,6 +213,7 @@ def _fake_mode_patches(mode):
     finally:
         torch.utils.swap_tensors = original_swap
         F.scaled_dot_product_attention = original_sdpa
+        torch_optimizer._get_fused_kernels_supported_devices = original_fused
         if original_find is not None:
             masking_utils.find_packed_sequence_indices = original_find
 
@@ -255,6 +264,8 @@ class MemoryEstimate:
     peak: int = 0
     fake: bool = True
     measured_peak: int | None = None  # torch.cuda.max_memory_allocated, when measured
+    world_size: int = 1  # > 1: one rank of an FSDP2 run
+    phase: str = "train"
     settings: dict[str, Any] = field(default_factory=dict)  # the TrainConfig keys given (overrides)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -263,10 +274,14 @@ class MemoryEstimate:
         """Short method label: ``GRASS γ=2``, ``LoRA r=128``, ``FFT``."""
         names = {"grass": "GRASS", "grass-static": "GRASS*", "lisa": "LISA", "badam": "BAdam"}
         if self.method in names:
-            return f"{names[self.method]} γ={self.active_layers}"
-        if self.method in ("lora", "dora"):
-            return f"{'LoRA' if self.method == 'lora' else 'DoRA'} r={self.rank}"
-        return self.method.upper()
+            label = f"{names[self.method]} γ={self.active_layers}"
+        elif self.method in ("lora", "dora"):
+            label = f"{'LoRA' if self.method == 'lora' else 'DoRA'} r={self.rank}"
+        else:
+            label = self.method.upper()
+        if self.world_size > 1:
+            label += f", FSDP2 x{self.world_size} (per rank)"
+        return label + (", probing" if self.phase == "probe" else "")
 
     def breakdown(self) -> dict[str, int]:
         """Bytes per category at the peak (they sum to ``peak``)."""
@@ -314,7 +329,9 @@ class TrainingStep:
     fake tensors. ``model`` and ``opt`` are what ``build_method`` returned.
     """
 
-    def __init__(self, config, cfg, device: torch.device, fake_mode, active: list[int] | None, impl: str):
+    def __init__(
+        self, config, cfg, device: torch.device, fake_mode, active: list[int] | None, impl: str, mesh=None
+    ):
         from grass_llm.activation_checkpointing import apply_activation_checkpointing
         from grass_llm.loss import chunked_loss_for
         from grass_llm.recipes.methods import build_method, get_method
@@ -325,19 +342,39 @@ class TrainingStep:
         with fake:
             model = _build_model(config, _DTYPES[cfg.dtype], device)
             apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.grass.layers)
+        shard = None
+        if mesh is not None:  # FSDP2 on ``mesh``, as grass-llm train shards with distributed.strategy=fsdp2
+            from grass_llm.distributed.fsdp2 import apply_fsdp2
+
+            def shard(m):
+                return apply_fsdp2(m, cfg.grass.layers, mesh)
+
         # GrassOptimizer draws its layers with real host-side tensors (sampler RNG): built outside the
         # fake mode, it steps the fake model inside it. peft's adapters must be fake: built inside.
-        with contextlib.nullcontext() if self.method.layer_wise else fake:
+        if self.method.layer_wise:
+            if shard is not None:
+                with fake:
+                    model = shard(model)
             self.model, self.opt = build_method(model, cfg)
+        else:
+            with fake:
+                self.model, self.opt = build_method(model, cfg, shard=shard)
+        off = getattr(self.opt, "offloader", None)
+        if mesh is not None and off is not None:
+            off.host_device = torch.device("meta")  # host buffers out of the count (the model is on fake CPU)
         with fake:
             self.loss_fn = chunked_loss_for(self.model) if cfg.chunked_loss else None
-        if self.method.layer_wise:
+        if self.method.layer_wise and not self.opt.probing:
             self.opt.activate(active)
+        # the AdamW implementation: what grass-llm train gets on the device the run stands for (CUDA for
+        # fake runs: fused for torch.optim, foreach pieces for GrassOptimizer; a real CPU: neither)
+        cuda = device.type != "cpu" or mesh is not None
+        if impl == "auto":
+            impl = ("foreach" if self.method.layer_wise else "fused") if cuda else "for-loop"
         for group in self.opt.param_groups:
-            if impl == "for-loop" or (impl == "auto" and device.type == "cpu"):
-                group["foreach"] = False
-            elif not group.get("fused"):
-                group["foreach"] = True  # torch.optim's choice for foreach=None on CUDA
+            fused = impl == "fused" and not self.method.layer_wise
+            group["fused"] = True if fused else None
+            group["foreach"] = impl == "foreach" or (impl == "fused" and self.method.layer_wise)
         self.vocab = int(getattr(config, "vocab_size", 32000))
 
     def run(self, batch_size: int, seq_len: int, tracker: LiveBytesTracker | None = None) -> None:
@@ -384,6 +421,8 @@ def estimate_memory(
     steps: int = 2,
     fake: bool = True,
     round_to: int = ALLOCATOR_ROUND,
+    world_size: int = 1,
+    phase: str = "train",
 ) -> MemoryEstimate:
     """Estimate the peak device memory of a training step of ``model`` with ``method``.
 
@@ -405,6 +444,12 @@ def estimate_memory(
         fake: fake tensors on ``meta`` standing for a CUDA device (no memory, any size); ``False`` runs
             real CPU tensors (small models only; used to validate the fake run).
         round_to: storages are rounded up to this many bytes (CUDA caching allocator: 512).
+        world_size: > 1: the peak of one of ``world_size`` ranks running FSDP2
+            (``distributed.strategy: fsdp2``: every decoder block and the root ``fully_shard``-ed, GRASS on
+            ``FSDP2Backend``, offload on as on CUDA), with a fake process group; the model is on fake
+            CPU tensors (FSDP2 refuses meta ones) and the offloader's host buffers on meta, out of the count.
+        phase: ``train`` (a training step) or ``probe`` (a probing step of the methods that probe:
+            backward through every layer, each gradient freed as soon as its norm is read).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -414,6 +459,12 @@ def estimate_memory(
     _check_int("batch_size", batch_size, 1)
     _check_int("seq_len", seq_len, 2)
     _check_int("steps", steps, 1)
+    _check_int("world_size", world_size, 1)
+    _check_choice("phase", phase, PHASES)
+    if world_size > 1 and not fake:
+        raise MemoryEstimateError(
+            "world_size > 1 needs fake=True (a fake process group stands for the ranks)"
+        )
     from grass_llm.recipes.methods import get_method
 
     layer_wise = get_method(method).layer_wise
@@ -433,26 +484,35 @@ def estimate_memory(
         chunked_loss,
         overrides,
     )
+    if layer_wise and phase == "probe":
+        settings["grass.probe_steps"] = steps + 1  # every step of the estimate probes
+    if world_size > 1:
+        settings.setdefault("grass.offload", True)  # what auto gives on CUDA
     name = _config_name(config) if not isinstance(model, (str, Path)) else str(model)
     cfg = _train_config(name, method, settings)
+    if phase == "probe" and not (layer_wise and cfg.grass.probe_steps > 0):
+        raise MemoryEstimateError(f"method={method} does not probe; allowed: phase=train")
     num_layers = getattr(config, "num_hidden_layers", None)
     active_layers = cfg.grass.active_layers if layer_wise else None
     active_layer_ids = _active_ids(active_layer_ids, active_layers, num_layers) if layer_wise else None
 
-    device = torch.device("meta" if fake else "cpu")
+    device = torch.device("meta" if fake and world_size == 1 else "cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-    with _fake_mode_patches(mode):
-        step = TrainingStep(config, cfg, device, mode, active_layer_ids, optimizer_impl)
+    with _fake_mode_patches(mode, device.type), _fake_process_group(world_size) as mesh:
+        step = TrainingStep(config, cfg, device, mode, active_layer_ids, optimizer_impl, mesh)
         net = step.model
         tracker = LiveBytesTracker(round_to=round_to, device=device)
-        tracker.track(list(net.parameters()) + list(net.buffers()), "weights")
+        tracker.track([_local(t) for t in [*net.parameters(), *net.buffers()]], "weights")
+
+        def retag_grad(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                tracker.retag(_local(p.grad), "gradients")
+
         for p in net.parameters():
             # GrassOptimizer switches requires_grad itself: hook every parameter
             was = p.requires_grad
             p.requires_grad_(True)
-            p.register_post_accumulate_grad_hook(
-                lambda p: p.grad is not None and tracker.retag(p.grad, "gradients")
-            )
+            p.register_post_accumulate_grad_hook(retag_grad)
             p.requires_grad_(was)
         with mode or contextlib.nullcontext(), tracker:
             for _ in range(steps):
@@ -483,10 +543,37 @@ def estimate_memory(
         trainable_params=trainable,
         peak=tracker.peak,
         fake=fake,
+        world_size=world_size,
+        phase=phase,
         settings=dict(overrides or {}),
         extra=extra,
         **breakdown,
     )
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 ``DTensor``; any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@contextlib.contextmanager
+def _fake_process_group(world_size: int):
+    """``world_size > 1``: a fake process group of that many ranks (collectives are no-ops, as in
+    torchtitan's estimator) and its 1-D CPU mesh, yielded; else ``None``."""
+    if world_size == 1:
+        yield None
+        return
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise MemoryEstimateError("world_size > 1 needs no process group initialised (it makes a fake one)")
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
 
 
 def _active_ids(ids: Sequence[int] | None, gamma: int, num_layers: int | None) -> list[int]:
@@ -715,6 +802,12 @@ def _methods(values: Sequence[str]) -> list[str]:
     return out or ["grass"]
 
 
+def _probes(method: str, overrides: dict[str, Any]) -> bool:
+    """Whether ``method`` with these settings has a probing phase (as ``grass-llm train`` resolves them)."""
+    cfg = _train_config("model", method, dict(overrides))
+    return cfg.layer_wise and cfg.grass.probe_steps > 0
+
+
 def _overrides(items: Sequence[str]) -> dict[str, Any]:
     from grass_llm.recipes.train_config import _parse_scalar
 
@@ -776,6 +869,20 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unit", choices=tuple(_UNITS), default="GiB", help="unit of the table (default GiB)"
     )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="estimate one rank of an N-rank FSDP2 run (distributed.strategy=fsdp2; default 1: one device)",
+    )
+    parser.add_argument(
+        "--phase",
+        choices=(*PHASES, "both"),
+        default="both",
+        help="train: a training step; probe: a probing step (backward through every layer); both (default): "
+        "the training step, and the probing step of the methods that probe",
+    )
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the estimates as JSON here")
     parser.add_argument(
         "--measure",
@@ -804,10 +911,17 @@ def cli_main(args: argparse.Namespace) -> int:
                 optimizer_impl=args.optimizer_impl,
                 overrides=overrides,
             )
-            est = estimate_memory(args.model, method, **kwargs)
+            est = estimate_memory(args.model, method, world_size=args.world_size, **kwargs)
             if args.measure:
+                if args.world_size > 1:
+                    raise MemoryEstimateError("--measure runs one device; allowed with --world-size 1")
                 est.measured_peak = measure_cuda_step(args.model, method, **kwargs)
-            estimates.append(est)
+            if args.phase != "probe":
+                estimates.append(est)
+            if args.phase != "train" and _probes(method, overrides):
+                estimates.append(
+                    estimate_memory(args.model, method, world_size=args.world_size, phase="probe", **kwargs)
+                )
     except MemoryEstimateError as err:
         print(f"grass-llm memory: error: {err}", file=sys.stderr)
         return 2

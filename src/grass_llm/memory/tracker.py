@@ -112,6 +112,11 @@ class LiveBytesTracker(TorchDispatchMode):
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _add(self, t: torch.Tensor, category: str, retag: bool) -> None:
+        # a DTensor (FSDP2) is a wrapper: this rank holds its local tensor's storage only (the mode sees
+        # the DTensor-level op first, whose output would otherwise count at the global size)
+        local = getattr(t, "_local_tensor", None)
+        if isinstance(local, torch.Tensor):
+            t = local
         if self.device is not None and t.device.type != self.device.type:
             return
         try:

@@ -92,3 +92,12 @@ def test_reset_with_offload_matches_in_memory():
     m_off, _, log_off = _run(True, steps=16, on_reactivation="reset", active_layers=1, period=2)
     assert log_mem == log_off
     assert_models_equal(m_mem, m_off)
+
+
+def test_state_dict_leaves_the_offloaded_state_where_it_lives():
+    """state_dict() copies the offloaded moments into its result only: the optimizer's own per-parameter
+    state keeps just the step counter (the moments stay in the offloader's host buffers, once)."""
+    _, opt, _ = _run(True, steps=6)
+    sd = opt.state_dict()
+    assert any("exp_avg" in st for st in sd["state"].values())
+    assert all(set(st) == {"step"} for st in opt.state.values())

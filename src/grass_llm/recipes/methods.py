@@ -120,14 +120,25 @@ def build_method(
 
 # ------------------------------------------------------------------------------------------------
 # builders
-def _adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+def _adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over the trainable parameters, with GrassOptimizer's weight-decay convention
+    (none on biases and norm weights) so that the baselines compare like for like."""
+    from grass_llm.optim import no_weight_decay_ids
+
+    no_decay = no_weight_decay_ids(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) not in no_decay]},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def _build_fft(model: nn.Module, cfg: TrainConfig, backend: Any = None):
     for p in model.parameters():
         p.requires_grad_(True)
-    return model, _adamw(list(model.parameters()), cfg)
+    return model, _adamw(model, cfg)
 
 
 def wrap_lora(
@@ -168,7 +179,7 @@ def _build_lora(model: nn.Module, cfg: TrainConfig, backend: Any = None):
     model_dtype = next(model.parameters()).dtype
     dtype = {"model": model_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[lo.dtype]
     model = wrap_lora(model, lo.rank, lo.alpha, lo.target_modules, lo.dropout, cfg.method == "dora", dtype)
-    return model, _adamw([p for p in model.parameters() if p.requires_grad], cfg)
+    return model, _adamw(model, cfg)
 
 
 # ------------------------------------------------------------------------------------------------

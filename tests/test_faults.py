@@ -217,7 +217,7 @@ def test_divergence_stops_with_exit_1_and_keeps_the_last_finite_checkpoint(tmp_p
         "(steps 12-15, max_nonfinite_steps=4); the run is diverging. Nothing was saved after step 11. "
         f"The last checkpoint is {good}. Continue from it with a lower learning rate: grass-llm train "
     ) in err
-    assert err.rstrip().endswith("--resume lr=<lower>")
+    assert err.rstrip().endswith("--resume lr=<lower>") and "lr=1e30" not in err
     assert [d for _, d in list_checkpoints(run)] == [good] and not (run / "final").exists()
     log = read_log(run)
     assert [r["skipped"] for r in log[11:15]] == [True] * 4 and not any(r["skipped"] for r in log[:11])
@@ -227,16 +227,37 @@ def test_divergence_stops_with_exit_1_and_keeps_the_last_finite_checkpoint(tmp_p
     assert not any(r["skipped"] for r in read_log(run))
 
 
-def test_skipped_steps_are_counted_and_reported(tmp_path, capsys):
-    """A run that skipped steps but recovered says how many (max_nonfinite_steps=0: never stop)."""
+def test_grass_divergence_keeps_the_last_finite_checkpoint(tmp_path, capsys):
+    """The issue's run, in small: GRASS with lr=1e30 from the start (probing 2 steps, then training)."""
     run = tmp_path / "run"
-    common = [*FAST, "method=fft", "max_steps=14", "save_every=0", f"out_dir={run}"]
+    args = [*FAST, "lr=1e30", "max_steps=40", "save_every=2", "max_nonfinite_steps=3", f"out_dir={run}"]
+    rc, out, err = train(capsys, *args)
+    assert rc == 1
+    # step 3 trains at warmup's LR 0, step 4 at 1e30: its weights are huge but finite (saved), then NaN
+    assert "step 5: gradients not finite (loss nan); step skipped, weights unchanged" in out
+    assert "stopped at step 7: 3 steps in a row had non-finite gradients (steps 5-7" in err
+    assert f"Nothing was saved after step 4. The last checkpoint is {run}/checkpoints/step-000004." in err
+    assert [d.name for _, d in list_checkpoints(run)] == ["step-000004"] and not (run / "final").exists()
+    assert [r["skipped"] for r in read_log(run)] == [False] * 4 + [True] * 3
+    assert "GrassOptimizer skipped a step" not in err  # said once, by the loop
+
+
+def test_skipped_steps_are_counted_and_reported(tmp_path, capsys):
+    """A run that skipped steps but went on says how many (max_nonfinite_steps=0: never stop)."""
+    run = tmp_path / "run"
+    common = [*FAST, "method=fft", "max_steps=24", "save_every=0", f"out_dir={run}"]
     rc, _, _ = train(capsys, *common, "stop_at_step=6")
-    rc, out, _ = train(capsys, *common, "--resume", "lr=1e30", "max_nonfinite_steps=0", "stop_at_step=10")
+    rc, out, _ = train(capsys, *common, "--resume", "lr=1e30", "max_nonfinite_steps=0", "stop_at_step=20")
     assert rc == 0
-    assert "skipped:    3 steps with non-finite gradients (steps 8, 9, 10); weights unchanged by them" in out
+    assert "step 17: gradients not finite (loss nan); step skipped, weights unchanged" in out
+    assert "step 18: gradients" not in out  # 10 are shown, then:
+    assert out.count("more steps with non-finite gradients: skipped and counted, not shown") == 1
+    assert (
+        "skipped:    13 steps with non-finite gradients (steps 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, ...); "
+        "weights unchanged by them"
+    ) in out
     ckpt = find_latest_checkpoint(run)
-    assert ckpt.name == "step-000010"
+    assert ckpt.name == "step-000020"
     from safetensors.torch import load_file
 
     assert all(bool(torch.isfinite(t).all()) for t in load_file(str(ckpt / "model.safetensors")).values())

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.timeout(240)
 # a handful of weights: the weights are compared to a tenth of one AdamW step (lr), while the losses and the
 # MGN (which, unlike AdamW, sees the gradient's scale) are compared tightly.
 COMMON = [
+    "model=builtin:tiny",  # the random tiny Llama (the demo's base model is the pretrained one)
+    "eval_heldout=0",
     "max_steps=40",
     "grass.probe_steps=6",
     "grass.period=5",

@@ -42,6 +42,8 @@ def test_damaged_asset_is_refused(tmp_path):
     asset.with_suffix(".json").write_text(TINY_PRETRAINED_ASSET.with_suffix(".json").read_text())
     with pytest.raises(ModelLoadError, match="does not match its recorded checksum"):
         load_tiny_pretrained(asset=asset)
+    with pytest.raises(ModelLoadError, match="builtin:tiny-pretrained: cannot read the packaged model"):
+        load_tiny_pretrained(asset=tmp_path / "missing")
 
 
 def test_pretraining_script_writes_a_consistent_asset(tmp_path):

@@ -329,6 +329,11 @@ def test_cli_default_output_belongs_to_the_model_and_is_never_overwritten(
     ) in err
     assert (runs[0] / "eval" / "results.json").stat().st_mtime_ns == before
     assert E.cli_main(_parse(["--model", str(runs[0] / "final"), *flags, "--overwrite"])) == 0
+    (tmp_path / "file").write_text("x")
+    assert (
+        E.cli_main(_parse(["--model", str(runs[0] / "final"), *flags, "--out", str(tmp_path / "file")])) == 2
+    )
+    assert f"--out {str(tmp_path / 'file')!r} is a file; allowed: a directory" in capsys.readouterr().err
     # another local model: <dir>/eval; a hub name: eval/<org>--<name>
     assert E.default_out_dir(str(tiny_model_dir)) == tiny_model_dir / "eval"
     assert E.default_out_dir("TinyLlama/TinyLlama-1.1B") == Path("eval/TinyLlama--TinyLlama-1.1B")

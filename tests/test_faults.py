@@ -281,8 +281,28 @@ def test_nonfinite_weights_are_never_saved(tmp_path):
         TrainFailed, match=r"the weights after step 1 are not finite \(1 of \d+ tensors, e\.g\. "
     ):
         recipe.save_checkpoint()
-    assert [d for _, d in list_checkpoints(run)] == [good]
+    with pytest.raises(TrainFailed, match=r"the final weights are not finite .*The last checkpoint is "):
+        recipe.save_final()
+    assert [d for _, d in list_checkpoints(run)] == [good] and not (run / "final").exists()
     verify_checkpoint(good)
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_the_run_clearly(tmp_path):
+    from grass_llm.recipes.finetune import FinetuneRecipe, TrainFailed
+    from grass_llm.recipes.launch import Launch
+    from grass_llm.recipes.train_config import load_train_config
+
+    run = tmp_path / "run"
+    cfg = load_train_config(overrides=[*FAST, "max_steps=4", f"out_dir={run}"])
+    recipe = FinetuneRecipe(cfg, Launch(), torch.device("cpu"))
+    recipe.setup(None)
+    recipe.train_step()
+    run.mkdir()
+    (run / "checkpoints").write_text("in the way")  # as a full disk or a lost mount would make it fail
+    with pytest.raises(
+        TrainFailed, match=r"cannot write the checkpoint .*step-000001: .*No checkpoint was written"
+    ):
+        recipe.save_checkpoint()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,6 +398,11 @@ def test_resume_with_nothing_to_resume_starts_at_step_0(tmp_path, capsys):
     rc, out, _ = train(capsys, *FAST, "max_steps=3", f"out_dir={tmp_path / 'new'}", "--resume")
     assert rc == 0
     assert f"resume: no checkpoint in {tmp_path / 'new' / 'checkpoints'}; starting at step 0" in out
+    # a final model without any checkpoint is not a run to continue, nor one to write over
+    shutil.rmtree(tmp_path / "new" / "checkpoints")
+    rc, _, err = train(capsys, *FAST, "max_steps=3", f"out_dir={tmp_path / 'new'}", "--resume")
+    assert rc == 2
+    assert f"cannot resume: {tmp_path / 'new'} holds a final model but no checkpoint; start over with" in err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -507,6 +532,12 @@ def test_read_only_out_dir(tmp_path):
         assert "Traceback" not in err and list(ro.iterdir()) == []
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_max_length_beyond_the_builtin_models_positions(tmp_path, capsys):
+    rc, _, err = train(capsys, "max_length=600", f"out_dir={tmp_path}", "max_steps=2")
+    assert rc == 2
+    assert "max_length=600 is longer than builtin:tiny-pretrained's 512 positions; allowed: <= 512" in err
 
 
 def test_config_path_that_is_a_directory(tmp_path, capsys):

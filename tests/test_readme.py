@@ -76,6 +76,10 @@ def test_readme_demo_command_trains_and_prints_where_everything_is(tmp_path):
     )
     assert found, proc.stdout
     before, after = map(float, found.groups())
+    assert (
+        f"held-out accuracy before training: {before}% (64 arithmetic questions not in the training data)"
+        in (proc.stdout)
+    )
     assert after >= before + 30, (before, after)
     assert (
         "layer heatmap: runs/demo/plots/layers_heatmap.png  (which decoder layers trained at each step)"

@@ -122,10 +122,9 @@ def test_signals_and_kills_at_random_moments_lose_nothing(tmp_path, capsys):
     plan = [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGKILL, 1), (signal.SIGINT, 2)]
     rng.shuffle(plan)
     setup_hit = rng.randrange(len(plan))  # one signal lands before training starts
-    resumed = False
     for i, (sig, times) in enumerate(plan):
         before = _log_steps(run)
-        proc = start(tmp_path, *args, "out_dir=run", *(["--resume"] if resumed else []))
+        proc = start(tmp_path, *args, "out_dir=run", *(["--resume"] if i else []))
         if i == setup_hit:
             time.sleep(rng.uniform(0.0, 2.0))  # importing torch, building the model, loading the checkpoint
         else:
@@ -140,7 +139,6 @@ def test_signals_and_kills_at_random_moments_lose_nothing(tmp_path, capsys):
         where = f"seed {seed}, attempt {i}, {sig.name} x{times}:\n{out}\n{err[-2000:]}"
         if proc.returncode == 0:  # the run finished before the signal arrived
             break
-        resumed = resumed or (run / "checkpoints").exists()
         if sig == signal.SIGKILL:
             assert proc.returncode == -signal.SIGKILL, where
         else:
@@ -398,6 +396,15 @@ def test_resume_with_nothing_to_resume_starts_at_step_0(tmp_path, capsys):
     rc, out, _ = train(capsys, *FAST, "max_steps=3", f"out_dir={tmp_path / 'new'}", "--resume")
     assert rc == 0
     assert f"resume: no checkpoint in {tmp_path / 'new' / 'checkpoints'}; starting at step 0" in out
+    # killed before its first checkpoint: only a log; --resume starts over and rewrites it
+    old = tmp_path / "old"
+    assert train(capsys, *FAST, "max_steps=6", "save_every=0", f"out_dir={old}", "stop_at_step=2")[0] == 0
+    shutil.rmtree(old / "checkpoints")
+    assert (
+        train(capsys, *FAST, "max_steps=6", "save_every=0", f"out_dir={old}")[0] == 2
+    )  # (refused, see above)
+    rc, out, _ = train(capsys, *FAST, "max_steps=6", "save_every=0", f"out_dir={old}", "--resume")
+    assert rc == 0 and "starting at step 0" in out and [r["step"] for r in read_log(old)] == list(range(1, 7))
     # a final model without any checkpoint is not a run to continue, nor one to write over
     shutil.rmtree(tmp_path / "new" / "checkpoints")
     rc, _, err = train(capsys, *FAST, "max_steps=3", f"out_dir={tmp_path / 'new'}", "--resume")

@@ -765,8 +765,9 @@ class FinetuneRecipe:
             step = int(ckpt["state"]["step"])
             self.changes = resume_changes(ckpt["state"]["config"], cfg, resume_path, step)
             self._check_newer_checkpoints(resume_path, step)
-        else:
+        elif cfg.resume is None:
             self._prepare_out_dir()
+        # (--resume without a checkpoint: the run never saved one; its log is rewritten from step 0)
 
         _seed_everything(cfg.seed)
         model, self.tokenizer = _load_model_and_tokenizer(cfg, self.dtype, self.device)

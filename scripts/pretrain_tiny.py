@@ -1,7 +1,7 @@
 """Pretrain the tiny Llama shipped with grass-llm (``model=builtin:tiny-pretrained``, the demo's model).
 
 Command (the committed asset was written with ``--out`` a temporary path and copied into the package; the
-path does not change the bytes; 42 minutes on one thread of a shared 2-core machine, ~10 unshared)::
+path does not change the bytes; 36 minutes on one thread of a shared 2-core machine)::
 
     python scripts/pretrain_tiny.py
 
@@ -15,11 +15,11 @@ pair and runs this script for a few steps.
 Reproducible: fixed seeds, one CPU thread, a fixed number of steps, no wall-clock dependence; the same
 torch build on the same CPU gives the same bytes (another CPU or torch version may round differently).
 
-What it learns, from ``grass_llm.data.builtin_corpus`` (plain text, byte-level ``builtin_tokenizer``):
-the arithmetic facts ``a op b = c`` (a, b in 0..20; +, -, *) and the Alpaca prompt format on OTHER
-instruction tasks (counting, comparing) answered as "... The answer is N". It has never seen the
-demo's question type ("What is a op b?" -> "a op b = c. The answer is c"): fine-tuning on the built-in
-sample teaches it, and ``grass-llm train`` shows held-out accuracy before -> after.
+What it learns, from ``grass_llm.data.builtin_corpus`` (byte-level ``builtin_tokenizer``): arithmetic as
+plain text ("What is 7 * 8? 7 * 8 = 56. The answer is 56"; a, b in 0..12; +, -, *) and the Alpaca prompt
+format on OTHER instruction tasks (counting, comparing). It has never seen an arithmetic question in the
+prompt format: fine-tuning on the built-in sample teaches it, and ``grass-llm train`` shows the held-out
+accuracy before -> after.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import json
 import math
 import platform
 import random
+import re
 import shlex
 import sys
 import time
@@ -55,16 +56,17 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 @torch.no_grad()
 def facts_accuracy(model, tok) -> float:
-    """Greedy ``a op b =`` -> `` c`` on every fact of the corpus (%)."""
+    """Greedy continuation of ``a op b =`` for every fact of the corpus: % whose first number is ``c``."""
     from grass_llm.data import builtin_facts
     from grass_llm.evaluate import greedy_generate
 
     facts = builtin_facts()
     prompts = [tok(f.rsplit("=", 1)[0] + "=")["input_ids"] for f in facts]
     outs = greedy_generate(model, prompts, tok.pad_token_id, tok.eos_token_id, 6, 128)
-    ok = sum(
-        tok.decode(o, skip_special_tokens=True).strip() == f.rsplit("= ", 1)[1] for o, f in zip(outs, facts)
-    )
+    ok = 0
+    for o, f in zip(outs, facts):
+        found = re.match(r"\s*(-?\d+)", tok.decode(o, skip_special_tokens=True))
+        ok += found is not None and found.group(1) == f.rsplit("= ", 1)[1]
     return 100.0 * ok / len(facts)
 
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="asset path without suffix (default: %(default)s)"
     )
-    p.add_argument("--steps", type=int, default=2500, help="optimizer steps (default %(default)s)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default %(default)s)")
     p.add_argument("--batch", type=int, default=32, help="rows per step (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per row (default %(default)s)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default %(default)s)")

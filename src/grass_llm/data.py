@@ -649,8 +649,9 @@ def builtin_facts() -> list[str]:
 def builtin_corpus(seed: int = 0) -> list[str]:
     """The pretraining text of ``builtin:tiny-pretrained`` (``scripts/pretrain_tiny.py``), shuffled.
 
-    * every fact of :func:`builtin_facts` as a plain-text question and equation, three times:
-      ``"What is 7 * 8? 7 * 8 = 56"`` (what the model knows: arithmetic, as text on the web);
+    * every fact of :func:`builtin_facts` as a plain-text question and answer, three times:
+      ``"What is 7 * 8? 7 * 8 = 56. The answer is 56"`` (what the model knows: arithmetic, as text on
+      the web);
     * 300 instruction records of OTHER tasks in the Alpaca prompt format (``format_prompt``), answered
       "... The answer is N": "What number comes after / before N?" and "Which is larger, a or b?"
       (N, a, b in 0..99). This is how the model knows the prompt format.
@@ -659,7 +660,7 @@ def builtin_corpus(seed: int = 0) -> list[str]:
     "7 * 8 = 56. The answer is 56") is what the demo's fine-tuning on ``builtin_sample`` teaches.
     """
     rng = random.Random(seed)
-    qa = [f"What is {f.split(' =')[0]}? {f}" for f in builtin_facts()]
+    qa = [f"What is {f.split(' =')[0]}? {f}. The answer is {f.rsplit('= ', 1)[1]}" for f in builtin_facts()]
     tasks: list[tuple[str, str]] = []
     while len(tasks) < 300:
         kind, n, m = rng.randrange(3), rng.randint(0, 99), rng.randint(0, 99)

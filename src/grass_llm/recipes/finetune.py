@@ -93,7 +93,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "max_length": 96,
     "batch_size": 8,
     "grad_accum": 1,
-    "lr": 2e-3,
+    "lr": 5e-4,
     "warmup": 10,
     "schedule": "cosine",
     "max_steps": 200,

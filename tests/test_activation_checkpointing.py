@@ -52,6 +52,33 @@ def test_only_frozen_blocks_above_the_lowest_active_one_are_recomputed():
     assert calls == [1] * 5
 
 
+def test_every_block_is_recomputed_while_every_block_trains():
+    """GRASS's probing steps (and FFT) train every block: `frozen` then checkpoints them all, as `full`
+    would, so probing does not keep the whole model's activations; the gradients are the same."""
+    ids = torch.randint(0, 64, (2, 12))
+    plain = make_tiny_llama(num_layers=4)
+    model = copy.deepcopy(plain)
+    checkpoint_frozen_blocks(model)
+    opts = [GrassOptimizer(m, GrassConfig(probe_steps=2)) for m in (plain, model)]  # probing: all train
+    assert all(opt.probing for opt in opts)
+    calls = _count_calls(model)
+    tracker = LiveBytesTracker(round_to=1)
+    with tracker:
+        loss = model(input_ids=ids, labels=ids).loss
+    saved_checkpointed = tracker.current
+    loss.backward()
+    assert calls == [2, 2, 2, 2]  # every block recomputed in backward
+    tracker = LiveBytesTracker(round_to=1)
+    with tracker:
+        loss = plain(input_ids=ids, labels=ids).loss
+    assert saved_checkpointed < tracker.current
+    loss.backward()
+    for opt in opts:
+        opt.step()  # probing: the MGN of every layer from its (freed) gradients
+    assert torch.equal(opts[0].importance, opts[1].importance)
+    assert bool((opts[0].importance > 0).all())
+
+
 def _saved_bytes(model, ids, compact: bool) -> int:
     tracker = LiveBytesTracker(round_to=1)
     with tracker, compact_saved_activations(compact):

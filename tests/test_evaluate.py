@@ -297,3 +297,43 @@ def test_no_transformers_at_import():
     code = "import sys, grass_llm.evaluate, grass_llm.data; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_cli_default_output_belongs_to_the_model_and_is_never_overwritten(
+    tiny_model_dir, shared_data, tmp_path, capsys, monkeypatch
+):
+    """--model RUN/final writes to RUN/eval (not eval/final, the same for every run); a second eval stops
+    with exit code 2 unless --overwrite."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for name in ("run-a", "run-b"):
+        run = tmp_path / "runs" / name
+        shutil.copytree(tiny_model_dir, run / "final")
+        (run / "log.jsonl").write_text("")
+        runs.append(run)
+    flags = ["--benchmarks", "GSM8K", "--data-dir", str(shared_data), "--limit", "2", "--max-new-tokens", "2"]
+    flags += ["--dtype", "fp32", "--device", "cpu"]
+    for run in runs:
+        assert E.cli_main(_parse(["--model", str(run / "final"), *flags])) == 0
+        assert (run / "eval" / "results.json").is_file() and (run / "eval" / "GSM8K.jsonl").is_file()
+    assert not (tmp_path / "eval").exists()
+    capsys.readouterr()
+    before = (runs[0] / "eval" / "results.json").stat().st_mtime_ns
+    assert E.cli_main(_parse(["--model", str(runs[0] / "final"), *flags])) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"grass-llm eval: error: {runs[0] / 'eval'} already holds results (GSM8K.jsonl, results.json, results.md); "
+        "pass --overwrite to replace them, or --out DIR to write elsewhere"
+    ) in err
+    assert (runs[0] / "eval" / "results.json").stat().st_mtime_ns == before
+    assert E.cli_main(_parse(["--model", str(runs[0] / "final"), *flags, "--overwrite"])) == 0
+    (tmp_path / "file").write_text("x")
+    assert (
+        E.cli_main(_parse(["--model", str(runs[0] / "final"), *flags, "--out", str(tmp_path / "file")])) == 2
+    )
+    assert f"--out {str(tmp_path / 'file')!r} is a file; allowed: a directory" in capsys.readouterr().err
+    # another local model: <dir>/eval; a hub name: eval/<org>--<name>
+    assert E.default_out_dir(str(tiny_model_dir)) == tiny_model_dir / "eval"
+    assert E.default_out_dir("TinyLlama/TinyLlama-1.1B") == Path("eval/TinyLlama--TinyLlama-1.1B")

@@ -69,6 +69,23 @@ def test_readme_demo_command_trains_and_prints_where_everything_is(tmp_path):
     assert (run / "checkpoints" / "step-000200").is_dir()
     assert (run / "log.jsonl").stat().st_size > 0
     assert {p.name for p in (run / "plots").glob("*.png")} >= {"layers_heatmap.png", "loss.png"}
+    # it ends by showing what GRASS taught the pretrained model, and where the layer heatmap is
+    found = re.search(
+        r"held-out accuracy: ([\d.]+)% -> ([\d.]+)% \(64 arithmetic questions not in the training",
+        proc.stdout,
+    )
+    assert found, proc.stdout
+    before, after = map(float, found.groups())
+    assert (
+        f"held-out accuracy before training: {before}% (64 arithmetic questions not in the training data)"
+        in (proc.stdout)
+    )
+    assert after >= before + 30, (before, after)
+    assert (
+        "layer heatmap: runs/demo/plots/layers_heatmap.png  (which decoder layers trained at each step)"
+        in proc.stdout
+    )
+    assert "Traceback" not in proc.stderr and "warnings.warn" not in proc.stderr
 
 
 def test_readme_command_line_block_runs(tmp_path):

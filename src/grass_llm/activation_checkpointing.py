@@ -15,7 +15,9 @@ layer-wise alternative: it recomputes only the decoder blocks that are frozen bu
 gradient on, i.e. the frozen blocks above the lowest trained one. Those need input gradients but no
 weight gradients, and without checkpointing they keep every activation their input gradient needs;
 checkpointed they keep their input only. Blocks that train keep their activations (no recomputation
-of what is needed anyway), and blocks below the lowest trained one run no backward at all. The
+of what is needed anyway), and blocks below the lowest trained one run no backward at all; when every
+block trains (GRASS's probing steps) every block is checkpointed, so probing does not need the
+activations of the whole model. The
 choice is made at every forward pass from ``requires_grad``, so it follows GRASS's active layers.
 
 :func:`compact_saved_activations` (``compact_activations: true``, ``grass-llm train``'s default) is
@@ -81,6 +83,12 @@ def enable_gradient_checkpointing(model: nn.Module, **checkpoint_kwargs: Any) ->
 _FROZEN_CLASSES: dict[type, type] = {}
 
 
+def _trains(block: nn.Module) -> bool:
+    # (GRASS switches a block's parameters together; read at every forward: FSDP2 replaces them)
+    first = next(block.parameters(), None)
+    return first is not None and first.requires_grad
+
+
 def _frozen_block_class(cls: type) -> type:
     sub = _FROZEN_CLASSES.get(cls)
     if sub is not None:
@@ -88,13 +96,17 @@ def _frozen_block_class(cls: type) -> type:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         parent = super(sub, self).forward
-        if (
-            torch.is_grad_enabled()
-            and not any(p.requires_grad for p in self.parameters())
-            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((args, kwargs)))
-        ):
-            # frozen, and backward must pass through: keep the inputs, recompute the rest in backward
-            return torch.utils.checkpoint.checkpoint(parent, *args, use_reentrant=False, **kwargs)
+        if torch.is_grad_enabled():
+            peers = getattr(self, "_grass_peers", ())  # every decoder block
+            if len(peers) > 1 and all(_trains(b) for b in peers):
+                # every block trains (GRASS's probing, FFT): keeping every block's activations is
+                # what this mode avoids; recompute each block's in backward, as full checkpointing does
+                return torch.utils.checkpoint.checkpoint(parent, *args, use_reentrant=False, **kwargs)
+            if not any(p.requires_grad for p in self.parameters()) and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((args, kwargs))
+            ):
+                # frozen, and backward must pass through: keep the inputs, recompute the rest in backward
+                return torch.utils.checkpoint.checkpoint(parent, *args, use_reentrant=False, **kwargs)
         return parent(*args, **kwargs)
 
     sub = type(
@@ -117,17 +129,20 @@ def checkpoint_frozen_blocks(model: nn.Module, layers: Any = None, enable: bool 
     Each decoder block (found by ``grass_llm.layers.discover_layers``; ``layers`` overrides it, as in
     ``GrassConfig.layers``) decides at every forward pass: when gradients are on, none of its
     parameters requires grad and one of its inputs does, it runs under non-reentrant
-    ``torch.utils.checkpoint`` (its input is kept, the rest recomputed in backward); otherwise it runs
-    as usual. Do not combine with full checkpointing (:func:`enable_gradient_checkpointing`).
+    ``torch.utils.checkpoint`` (its input is kept, the rest recomputed in backward); when EVERY block
+    trains (GRASS's probing steps, which run backward through all layers, or FFT) every block is
+    checkpointed, as with full checkpointing; otherwise it runs as usual. Do not combine with full checkpointing (:func:`enable_gradient_checkpointing`).
     ``enable=False`` restores the blocks. The blocks' class is swapped for a subclass of the same
     name (parameters, state dict and ``isinstance`` are unchanged).
     """
     from grass_llm.layers import discover_layers
 
     blocks = discover_layers(model, layers).blocks
+    peers = tuple(blocks)
     for block in blocks:
         base = getattr(type(block), "_grass_base", type(block))
         block.__class__ = _frozen_block_class(base) if enable else base
+        object.__setattr__(block, "_grass_peers", peers if enable else ())
     return len(blocks)
 
 

@@ -16,7 +16,9 @@ The answer-extraction rules are those of LLM-Adapters' ``evaluate.py`` (arithmet
 Generation is batched greedy decoding (``do_sample=False``) with left padding. Outputs:
 ``out_dir/<benchmark>.jsonl`` (one line per item: index, prompt, response, prediction, gold,
 correct), ``out_dir/results.md`` (Markdown tables laid out as the paper's Table 2 / Table 3,
-accuracy in percent) and ``out_dir/results.json``.
+accuracy in percent) and ``out_dir/results.json``. ``grass-llm eval`` writes them where the model
+lives (``RUN/eval`` for ``--model RUN/final``; see ``default_out_dir``) unless ``--out`` says otherwise,
+and never over earlier results without ``--overwrite``.
 
 ``transformers`` is imported only inside functions.
 """
@@ -54,6 +56,7 @@ __all__ = [
     "add_cli_arguments",
     "benchmark_path",
     "cli_main",
+    "default_out_dir",
     "evaluate_model",
     "extract_choice",
     "extract_letter",
@@ -556,7 +559,19 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="data root holding llm-adapters/ or LLM-Adapters' dataset/ (default: $GRASS_DATA_DIR)",
     )
-    parser.add_argument("--out", default=None, help="output directory (default: eval/<model name>)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=(
+            "output directory (default: RUN/eval for a run's final model RUN/final, RUN/eval-adapter for "
+            "RUN/final/adapter, <model dir>/eval for another local model, eval/<org>--<name> for a hub model)"
+        ),
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results already in the output directory (without it they are kept and eval stops)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
     parser.add_argument(
         "--max-new-tokens",
@@ -614,6 +629,51 @@ def _check_cli_args(args: argparse.Namespace) -> None:
             raise EvalInputError(f"--device {args.device!r}: CUDA is not available on this machine")
 
 
+def _is_run_dir(path: Path) -> bool:
+    return (path / "log.jsonl").is_file() or (path / "checkpoints").is_dir()
+
+
+def default_out_dir(model: str) -> Path:
+    """Where ``grass-llm eval --model MODEL`` writes without ``--out``: a place that belongs to the model.
+
+    ``RUN/final`` of a ``grass-llm train`` run -> ``RUN/eval``; ``RUN/final/adapter`` ->
+    ``RUN/eval-adapter``; another local model directory -> ``<dir>/eval``; a hub name ``org/name`` ->
+    ``eval/org--name``.
+    """
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if local.name == "final" and _is_run_dir(local.parent):
+            return local.parent / "eval"
+        if local.name == "adapter" and local.parent.name == "final" and _is_run_dir(local.parent.parent):
+            return local.parent.parent / "eval-adapter"
+        return local / "eval"
+    return Path("eval") / model.strip("/").replace("/", "--")
+
+
+_RESULT_FILES = ("results.json", "results.md")
+
+
+def _existing_results(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    names = {*_RESULT_FILES, *(f"{b}.jsonl" for b in BENCHMARKS)}
+    return sorted(p for p in out.iterdir() if p.name in names)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write over earlier results without ``--overwrite``; with it, delete them first."""
+    if out.exists() and not out.is_dir():
+        raise EvalInputError(f"--out {str(out)!r} is a file; allowed: a directory")
+    found = _existing_results(out)
+    if found and not overwrite:
+        raise EvalInputError(
+            f"{out} already holds results ({', '.join(p.name for p in found)}); pass --overwrite to replace "
+            "them, or --out DIR to write elsewhere"
+        )
+    for p in found:
+        p.unlink()
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from grass_llm.recipes.models import ModelLoadError, load_model_and_tokenizer
 
@@ -643,9 +703,10 @@ def cli_main(args: argparse.Namespace) -> int:
                 if not used_group:
                     raise
                 del e
+        out = Path(args.out).expanduser() if args.out else default_out_dir(args.model)
+        _check_out_dir(out, args.overwrite)
         model, tokenizer = _load(args)
         model_name = args.model_name or Path(args.model.rstrip("/")).name or args.model
-        out = args.out or str(Path("eval") / model_name)
         results = evaluate_model(
             model,
             tokenizer,
@@ -662,5 +723,8 @@ def cli_main(args: argparse.Namespace) -> int:
     except (EvalInputError, DataError) as e:
         print(f"grass-llm eval: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"grass-llm eval: error: cannot write the results: {e}", file=sys.stderr)
+        return 1
     print(format_results_markdown(results))
     return 0

@@ -47,13 +47,18 @@ from torch import nn
 
 from grass_llm.distributed.base import DataParallelBackend
 
-__all__ = ["FSDP2Backend", "apply_fsdp2", "is_fsdp2_model"]
+__all__ = ["FSDP2Backend", "apply_fsdp2", "is_fsdp2_model", "local_tensor"]
 
 
 def _dtensor_cls():
     from torch.distributed.tensor import DTensor
 
     return DTensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; any other tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, _dtensor_cls()) else tensor
 
 
 def apply_fsdp2(model: nn.Module, layers: Any = None, mesh: Any = None) -> nn.Module:
@@ -148,8 +153,7 @@ class FSDP2Backend(DataParallelBackend):
 
     # ------------------------------------------------------------------------------------------
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
-        DTensor = _dtensor_cls()
-        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        return local_tensor(tensor)
 
     def reduce_sumsq_(self, sumsq: torch.Tensor) -> None:
         """Squared norms of local shards -> of the whole gradients: a sum over the mesh (float64)."""

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["OPTIMIZER_FILE", "load_sharded_checkpoint", "save_sharded_checkpoint"]
+__all__ = ["OPTIMIZER_FILE", "load_sharded_checkpoint", "save_sharded_checkpoint", "shard_like_params"]
 
 OPTIMIZER_FILE = "grass_optimizer.pt"
 
@@ -79,10 +79,12 @@ def load_sharded_checkpoint(path: str | Path, model: nn.Module, optimizer: Any) 
         if len(md.size) == 0:  # the step counter
             states[key[len("optim.") :]] = torch.zeros((), dtype=md.properties.dtype)
             continue
-        local = backend.local(param) if backend is not None else param
-        template = torch.zeros(local.shape, dtype=md.properties.dtype, device=local.device)
-        if backend is not None:
+        if backend is not None:  # GrassOptimizer: this rank's shard, exported as the optimizer does
+            local = backend.local(param)
+            template = torch.zeros(local.shape, dtype=md.properties.dtype, device=local.device)
             template = backend.export_state(template, param)
+        else:  # torch.optim (fft / lora): a state like its parameter (a DTensor under FSDP2)
+            template = torch.zeros_like(param, dtype=md.properties.dtype)
         states[key[len("optim.") :]] = template
     model_sd = model.state_dict()
     dcp.load({"model": model_sd, "optim": states}, checkpoint_id=str(path))
@@ -97,3 +99,24 @@ def load_sharded_checkpoint(path: str | Path, model: nn.Module, optimizer: Any) 
     if rest.get("grass") is not None:
         sd["grass"] = rest["grass"]
     optimizer.load_state_dict(sd)
+
+
+def shard_like_params(optimizer_state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """A ``torch.optim`` state dict of full tensors (saved by an unsharded run) with every state the
+    shape of its parameter distributed like that parameter (a DTensor under FSDP2), so that the
+    optimizer of a sharded model can load it. Other states (the step count) are left as they are."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, st in optimizer_state["state"].items():
+        p = params[int(i)]
+        if isinstance(p, DTensor):
+            st = {
+                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == p.shape
+                else v
+                for k, v in st.items()
+            }
+        state[i] = st
+    return {**optimizer_state, "state": state}

@@ -114,7 +114,11 @@ def load_config(model: Any):
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (
+            OSError,
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+        ) as err:  # (a binary file: UnicodeDecodeError)
             raise MemoryEstimateError(f"model={str(model)!r}: cannot read a JSON config: {err}") from err
         model_type = data.pop("model_type", None)
         if not model_type:

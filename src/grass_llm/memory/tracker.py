@@ -62,7 +62,7 @@ class LiveBytesTracker(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}
         self._live: dict[int, _Entry] = {}
         self._peak_pending = False
-        self._peak_entries: list[_Entry] = []
+        self._peak_entries: list[tuple[_Entry, int]] = []  # (entry, its bytes at the peak)
 
     # -- public ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -91,9 +91,70 @@ class LiveBytesTracker(TorchDispatchMode):
         """Bytes per category of the storages live at the peak."""
         self._snapshot_if_pending()
         out = dict.fromkeys(CATEGORIES, 0)
-        for e in self._peak_entries:
-            out[e.category] += e.nbytes
+        for e, nbytes in self._peak_entries:
+            out[e.category] += nbytes
         return out
+
+    def resized(self, t: torch.Tensor) -> None:
+        """Re-read the size of ``t``'s storage after it was resized in place (FSDP2 frees and
+        re-allocates its unsharded parameters with ``untyped_storage().resize_``, which no op shows)."""
+        t = self._local(t)
+        if self.device is not None and t.device.type != self.device.type:
+            return
+        st = t.untyped_storage()
+        entry = self._entries.get(st)
+        if entry is None:
+            self._add(t, self.category, retag=False)
+            return
+        nbytes = -(-st.nbytes() // self.round_to) * self.round_to
+        if nbytes < entry.nbytes:
+            self._snapshot_if_pending()
+        self.current += nbytes - entry.nbytes
+        entry.nbytes = nbytes
+        if self.current > self.peak:
+            self.peak = self.current
+            self._peak_pending = True
+
+    def __enter__(self):
+        out = super().__enter__()
+        self._patches = contextlib.ExitStack()
+        self._patches.enter_context(self._fsdp_storage_resizes())
+        return out
+
+    def __exit__(self, *exc):
+        self._patches.close()
+        return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def _fsdp_storage_resizes(self):
+        """Route FSDP2's storage frees / re-allocations (``alloc_storage`` / ``free_storage``) to
+        :meth:`resized` while the mode is active."""
+        try:
+            from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+        except ImportError:  # (torch built without distributed)
+            yield
+            return
+        saved = [
+            (m, name, getattr(m, name))
+            for m in (_fsdp_param, _fsdp_param_group)
+            for name in ("alloc_storage", "free_storage")
+            if hasattr(m, name)
+        ]
+
+        def wrap(fn):
+            def resize(tensor: torch.Tensor) -> None:
+                fn(tensor)
+                self.resized(tensor)
+
+            return resize
+
+        for m, name, fn in saved:
+            setattr(m, name, wrap(fn))
+        try:
+            yield
+        finally:
+            for m, name, fn in saved:
+                setattr(m, name, fn)
 
     def current_breakdown(self) -> dict[str, int]:
         """Bytes per category of the storages live now."""
@@ -111,12 +172,15 @@ class LiveBytesTracker(TorchDispatchMode):
         return out
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    def _add(self, t: torch.Tensor, category: str, retag: bool) -> None:
+    @staticmethod
+    def _local(t: torch.Tensor) -> torch.Tensor:
         # a DTensor (FSDP2) is a wrapper: this rank holds its local tensor's storage only (the mode sees
         # the DTensor-level op first, whose output would otherwise count at the global size)
         local = getattr(t, "_local_tensor", None)
-        if isinstance(local, torch.Tensor):
-            t = local
+        return local if isinstance(local, torch.Tensor) else t
+
+    def _add(self, t: torch.Tensor, category: str, retag: bool) -> None:
+        t = self._local(t)
         if self.device is not None and t.device.type != self.device.type:
             return
         try:
@@ -153,5 +217,5 @@ class LiveBytesTracker(TorchDispatchMode):
         # The live set is copied only at a local maximum (just before the first free after a new
         # peak), not at every allocation that raises the peak.
         if self._peak_pending and self.current == self.peak:
-            self._peak_entries = list(self._live.values())
+            self._peak_entries = [(e, e.nbytes) for e in self._live.values()]
         self._peak_pending = False

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Launch", "from_env"]
+__all__ = ["Launch", "from_env", "resolve_strategy"]
 
 
 @dataclass
@@ -88,3 +88,24 @@ def from_env(device: torch.device, env: Any = None) -> tuple[Launch, torch.devic
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         owns = True
     return Launch(rank=rank, local_rank=local, world_size=world, owns_group=owns), device
+
+
+def resolve_strategy(strategy: str, launch: Launch, env: Any = None) -> str:
+    """``distributed.strategy`` -> ``"single"`` (one process), ``"replicated"`` or ``"fsdp2"``.
+
+    ``auto`` follows ``accelerate launch``: its FSDP2 configs export ``ACCELERATE_USE_FSDP=true`` and
+    ``FSDP_VERSION=2`` to every process; anything else (``torchrun``, a DDP config) is replicated.
+    """
+    if not launch.distributed:
+        return "single"
+    if strategy != "auto":
+        return strategy
+    env = os.environ if env is None else env
+    if str(env.get("ACCELERATE_USE_FSDP", "")).lower() not in ("1", "true", "yes"):
+        return "replicated"
+    if str(env.get("FSDP_VERSION", "1")) != "2":
+        raise ValueError(
+            "accelerate launch with an FSDP1 config (FSDP_VERSION is not 2): grass-llm shards with FSDP2; "
+            "set fsdp_version: 2 in the accelerate config, or run with distributed.strategy=replicated"
+        )
+    return "fsdp2"

@@ -9,7 +9,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelLoadError", "load_model_and_tokenizer", "looks_like_path", "tiny_llama"]
+__all__ = [
+    "TINY_PRETRAINED_ASSET",
+    "ModelLoadError",
+    "load_model_and_tokenizer",
+    "load_tiny_pretrained",
+    "looks_like_path",
+    "tiny_llama",
+]
+
+#: The tiny pretrained Llama shipped with the package (``model=builtin:tiny-pretrained``): its weights
+#: (``.safetensors``) and a JSON record of its shape, checksum and how it was made (``.json``), written
+#: by ``scripts/pretrain_tiny.py``.
+TINY_PRETRAINED_ASSET = Path(__file__).resolve().parents[1] / "assets" / "tiny-pretrained"
 
 
 class ModelLoadError(ValueError):
@@ -82,3 +94,33 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, device
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     return (model if device is None else model.to(device)), tokenizer
+
+
+def load_tiny_pretrained(dtype: torch.dtype | None = None, asset: Path | None = None):
+    """The tiny pretrained Llama shipped with the package (``builtin:tiny-pretrained``), for the
+    built-in tokenizer (``grass_llm.data.builtin_tokenizer``). Its checksum is checked first.
+
+    Raises :class:`ModelLoadError` when the asset is missing or does not match its recorded checksum.
+    """
+    import hashlib
+    import json
+
+    from safetensors.torch import load
+
+    asset = TINY_PRETRAINED_ASSET if asset is None else Path(asset)
+    weights, record_file = asset.with_suffix(".safetensors"), asset.with_suffix(".json")
+    try:
+        record = json.loads(record_file.read_text())
+        blob = weights.read_bytes()
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"builtin:tiny-pretrained: cannot read the packaged model {weights}: {e}"
+        ) from None
+    if hashlib.sha256(blob).hexdigest() != record["sha256"]:
+        raise ModelLoadError(
+            f"builtin:tiny-pretrained: {weights} does not match its recorded checksum (damaged install?)"
+        )
+    model = tiny_llama(**record["model"])
+    model.load_state_dict({k: v.float() for k, v in load(blob).items()})
+    model.generation_config.pad_token_id = record["model"].get("pad_token_id")
+    return model if dtype is None else model.to(dtype)

@@ -1,67 +1,124 @@
-"""Run checkpoints of ``grass-llm train``: atomic save, find the latest, load, resume checks.
+"""Run checkpoints of ``grass-llm train``: atomic save with a checksum manifest, verified load, the
+search for the newest intact checkpoint, and rotation that deletes only what it can account for.
 
-A checkpoint is a directory ``RUN/checkpoints/step-NNNNNN/`` with ``model.pt`` (the weights, or the
-adapters), ``optimizer.pt``, ``state.pt`` (step, scheduler, data position, RNG states, config),
-``config.yaml`` and a ``COMPLETE`` marker written last. (Activation checkpointing, the other meaning
-of the word, is ``grass_llm.activation_checkpointing``.)
+A checkpoint is a directory ``RUN/checkpoints/step-NNNNNN/`` holding
+
+* ``model.safetensors``: the weights (or, for adapter methods, the trainable adapter weights);
+* ``optimizer.pt``, ``state.pt``: the optimizer state, and the step / scheduler / data position /
+  RNG states / config (nested Python data with tensors, ``torch.save``, loadable with
+  ``weights_only=True``);
+* ``config.yaml``: the settings, for people;
+* or, for a run sharded with FSDP2, ``sharded/`` (every rank's shards of the weights and optimizer
+  states, ``torch.distributed.checkpoint``, loadable on any number of processes) and ``state.pt``;
+* ``MANIFEST.json``: the SHA-256 and size of every file above;
+* ``COMPLETE``: the marker, written last.
+
+Invariants (what a crash, a kill or a flipped byte can and cannot do):
+
+* a directory named ``step-N`` (no suffix) is renamed into place only after every file, the manifest
+  and the marker are written and fsync'd in ``step-N.tmp``; so a ``step-N`` without ``COMPLETE`` was
+  not written by an interrupted save (it was damaged or copied partially) and is never used;
+* a checkpoint is used only if every file matches the manifest (:func:`verify_checkpoint`);
+* rotation after a save deletes only complete checkpoints of a LOWER step and ``.tmp`` leftovers of
+  interrupted saves: a checkpoint that does not verify, an incomplete one, a newer one, or anything
+  that is not named like a checkpoint is left alone; :func:`find_resumable` moves damaged ones aside
+  (``step-N.corrupt`` / ``step-N.incomplete``) instead of deleting them.
+
+(Activation checkpointing, the other meaning of the word, is ``grass_llm.activation_checkpointing``.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from grass_llm.distributed.sharded_checkpoint import OPTIMIZER_FILE as SHARDED_OPTIMIZER_FILE
+
 __all__ = [
     "CHECKPOINT_DIR",
+    "SHARDED_DIR",
     "CheckpointError",
+    "CheckpointIssue",
+    "begin_checkpoint",
+    "checkpoint_path",
     "find_latest_checkpoint",
+    "find_resumable",
+    "finish_checkpoint",
+    "list_checkpoints",
     "load_checkpoint",
+    "read_checkpoint_config",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "verify_checkpoint",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_PREFIX = "step-"
+FORMAT = 2
 _TMP_SUFFIX = ".tmp"
 _COMPLETE = "COMPLETE"
-FILES = ("model", "optimizer", "state")
+MANIFEST = "MANIFEST.json"
+MODEL_FILE = "model.safetensors"
+TORCH_FILES = ("optimizer", "state")
+#: a sharded checkpoint's model + optimizer (torch.distributed.checkpoint, every rank's shards)
+SHARDED_DIR = "sharded"
+_NAME = re.compile(r"^step-(\d+)$")
+_TMP = re.compile(r"^step-(\d+)\.tmp$")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or unreadable; the message names the path."""
+    """A checkpoint is missing, incomplete, damaged or unreadable; the message names the path and why."""
+
+
+@dataclass(frozen=True)
+class CheckpointIssue:
+    """A checkpoint that was passed over: where it is now and why."""
+
+    path: Path
+    step: int
+    reason: str
+    moved_to: Path | None = None
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"{STEP_PREFIX}{step:06d}"
 
 
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``run_dir/checkpoints``, or None."""
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every ``step-N`` directory (complete or not, intact or not) under ``run_dir/checkpoints``, newest first."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
+        return []
+    found = []
     for d in root.iterdir():
-        if not d.name.startswith(STEP_PREFIX) or d.name.endswith(_TMP_SUFFIX):
-            continue
-        if not (d / _COMPLETE).is_file():
-            continue
-        try:
-            step = int(d.name[len(STEP_PREFIX) :])
-        except ValueError:
-            continue
-        if best is None or step > best[0]:
-            best = (step, d)
-    return None if best is None else best[1]
+        m = _NAME.match(d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    return sorted(found, reverse=True)
 
 
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step that has its ``COMPLETE`` marker, or None (not verified:
+    see :func:`find_resumable`)."""
+    for _, d in list_checkpoints(run_dir):
+        if (d / _COMPLETE).is_file():
+            return d
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -78,42 +135,177 @@ def _write(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], config_yaml: str) -> Path:
-    """Write ``checkpoints/step-N`` atomically: a temp dir, fsync'd, then ``os.replace``.
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-    ``payload`` maps ``model`` / ``optimizer`` / ``state`` to what is saved in their files.
-    Invariant: a directory named ``step-N`` (without ``.tmp``) holding ``COMPLETE`` is complete. The
-    previous checkpoint is deleted only after the new one has been renamed into place, so a crash at
-    any moment leaves at least one complete checkpoint.
-    """
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    with open(path, "rb") as f:  # save_file does not fsync
+        os.fsync(f.fileno())
+
+
+def begin_checkpoint(run_dir: Path, step: int, create: bool = True) -> Path:
+    """The empty temporary directory ``checkpoints/step-N.tmp`` a save writes into (created by one
+    process, ``create``; the others only take its path)."""
     root = Path(run_dir) / CHECKPOINT_DIR
+    tmp = root / (checkpoint_path(run_dir, step).name + _TMP_SUFFIX)
+    if not create:
+        return tmp
     root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(run_dir, step)
-    tmp = root / (final.name + _TMP_SUFFIX)
-    if tmp.exists():
+    if tmp.exists():  # an earlier save of this step was interrupted
         shutil.rmtree(tmp)
     tmp.mkdir()
-    for name in FILES:
-        _write(tmp / f"{name}.pt", lambda f, name=name: torch.save(payload[name], f))
+    return tmp
+
+
+def finish_checkpoint(run_dir: Path, step: int, tmp: Path, payload: dict[str, Any], config_yaml: str) -> Path:
+    """Write the rest of ``payload`` into ``tmp``, the manifest of EVERY file in it (sharded files written
+    there by other ranks included), the marker, then rename it to ``step-N`` and rotate."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final = checkpoint_path(run_dir, step)
+    if "model" in payload:
+        _save_safetensors(payload["model"], tmp / MODEL_FILE)
+    for name in TORCH_FILES:
+        if name in payload:
+            _write(tmp / f"{name}.pt", lambda f, name=name: torch.save(payload[name], f))
     _write(tmp / "config.yaml", lambda f: f.write(config_yaml.encode()))
+    files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files},
+    }
+    _write(tmp / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
     _write(tmp / _COMPLETE, lambda f: f.write(f"{step}\n".encode()))
-    _fsync_dir(tmp)
-    if final.exists():  # same step saved twice (end of run right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    for f in tmp.rglob("*"):  # (the files other ranks wrote, too)
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in {tmp, *(f.parent for f in tmp.rglob("*") if f.is_file())}:
+        _fsync_dir(d)
+    if final.exists():  # the same step saved again (e.g. resumed from a copy of this checkpoint)
+        old = root / (final.name + ".replaced" + _TMP_SUFFIX)
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     _fsync_dir(root)
-    for old in root.iterdir():
-        if old != final and old.name.startswith(STEP_PREFIX):
-            shutil.rmtree(old, ignore_errors=True)
+    _rotate(root, step)
     return final
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """``{"model", "optimizer", "state"}`` of a complete checkpoint (CPU tensors, weights_only)."""
+def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], config_yaml: str) -> Path:
+    """Write ``checkpoints/step-N`` atomically (a temp dir, fsync'd, then ``os.replace``), then rotate.
+
+    ``payload`` maps ``model`` (name -> CPU tensor, saved as safetensors), ``optimizer`` and ``state``
+    (saved with ``torch.save``). The previous checkpoints are deleted only after the new one is in
+    place, and only those this function can account for (module docstring), so a crash at any moment
+    leaves every complete checkpoint that was there, or the new one. (A sharded checkpoint: every rank
+    writes its shards into :func:`begin_checkpoint`'s directory, then rank 0 :func:`finish_checkpoint`.)
+    """
+    return finish_checkpoint(run_dir, step, begin_checkpoint(run_dir, step), payload, config_yaml)
+
+
+def _rotate(root: Path, step: int) -> None:
+    """Delete complete checkpoints older than ``step`` and leftovers of interrupted saves; nothing else."""
+    for d in root.iterdir():
+        m = _NAME.match(d.name)
+        superseded = m is not None and int(m.group(1)) < step and (d / _COMPLETE).is_file()
+        leftover = _TMP.match(d.name) is not None or d.name.endswith(".replaced" + _TMP_SUFFIX)
+        if superseded or leftover:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+# checkpoints verified by this process: path -> (name, size, mtime) of each file (hash each file once)
+_VERIFIED: dict[str, tuple[tuple[str, int, int], ...]] = {}
+
+
+def _fingerprint(path: Path, names: list[str]) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for n in [MANIFEST, *names]:
+        st = (path / n).stat()
+        out.append((n, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """The manifest of ``path`` after checking that the checkpoint is complete and every file matches
+    its size and SHA-256. Raises ``CheckpointError`` saying what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory")
     if not (path / _COMPLETE).is_file():
-        raise CheckpointError(f"{path} is not a complete grass-llm checkpoint (no {_COMPLETE} marker)")
-    out = {}
-    for name in FILES:
+        raise CheckpointError(f"{path} is incomplete (no {_COMPLETE} marker)")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} has no {MANIFEST} (written by grass-llm < 0.2, or damaged); cannot verify it"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / MANIFEST} is unreadable: {e}") from None
+    with contextlib.suppress(OSError):
+        if _VERIFIED.get(str(path.resolve())) == _fingerprint(path, list(files)):
+            return manifest
+    for name, entry in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path} is damaged: {name} is missing")
+        size = f.stat().st_size
+        if size != entry.get("bytes"):
+            raise CheckpointError(
+                f"{path} is damaged: {name} has {size} bytes, the manifest says {entry.get('bytes')}"
+            )
+        if _sha256(f) != entry.get("sha256"):
+            raise CheckpointError(f"{path} is damaged: {name} does not match its checksum")
+    sharded = f"{SHARDED_DIR}/.metadata" in files
+    required = {"state.pt"} | (
+        {f"{SHARDED_DIR}/{SHARDED_OPTIMIZER_FILE}"} if sharded else {MODEL_FILE, "optimizer.pt"}
+    )
+    missing = required - set(files)
+    if missing:
+        raise CheckpointError(f"{path} is damaged: the manifest lists no {sorted(missing)}")
+    with contextlib.suppress(OSError):
+        _VERIFIED[str(path.resolve())] = _fingerprint(path, list(files))
+    return manifest
+
+
+def load_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
+    """``{"model", "optimizer", "state"}`` of a checkpoint (CPU tensors; ``weights_only`` loading),
+    verified against its manifest first unless ``verify=False``. A sharded checkpoint gives
+    ``{"sharded": directory, "state"}``: load its model and optimizer with
+    ``grass_llm.distributed.sharded_checkpoint.load_sharded_checkpoint`` (any number of processes)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
+    out: dict[str, Any] = {}
+    if (path / SHARDED_DIR / ".metadata").is_file():
+        out["sharded"] = path / SHARDED_DIR
+        try:
+            out["state"] = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint file {path / 'state.pt'}: {e}") from None
+        return out
+    try:
+        out["model"] = load_file(str(path / MODEL_FILE))
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint file {path / MODEL_FILE}: {e}") from None
+    for name in TORCH_FILES:
         try:
             out[name] = torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True)
         except Exception as e:
@@ -121,6 +313,49 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return out
 
 
+def read_checkpoint_config(path: Path) -> dict[str, Any]:
+    """The settings a checkpoint was written with (``state.pt``'s ``config``; verified first)."""
+    path = Path(path)
+    verify_checkpoint(path)
+    try:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)["config"]
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint file {path / 'state.pt'}: {e}") from None
+
+
+def find_resumable(run_dir: str | Path, set_aside: bool = True) -> tuple[Path | None, list[CheckpointIssue]]:
+    """The newest checkpoint under ``run_dir/checkpoints`` that verifies, and the newer ones passed over.
+
+    Each passed-over checkpoint (incomplete or damaged) is renamed ``step-N.incomplete`` /
+    ``step-N.corrupt`` when ``set_aside`` (so that it is neither used, nor overwritten, nor deleted by
+    rotation), never deleted. Returns ``(None, issues)`` when no checkpoint verifies.
+    """
+    issues: list[CheckpointIssue] = []
+    for step, d in list_checkpoints(run_dir):
+        try:
+            verify_checkpoint(d)
+            return d, issues
+        except CheckpointError as e:
+            moved = None
+            if set_aside:
+                kind = "incomplete" if not (d / _COMPLETE).is_file() else "corrupt"
+                target = d.with_name(f"{d.name}.{kind}")
+                n = 1
+                while target.exists():
+                    n += 1
+                    target = d.with_name(f"{d.name}.{kind}{n}")
+                try:
+                    os.replace(d, target)
+                    moved = target
+                except OSError:
+                    moved = None
+            reason = str(e).removeprefix(f"{d} is ").removeprefix(f"{d}: ")
+            issues.append(CheckpointIssue(d, step, reason, moved))
+    return None, issues
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG
 def rng_state(device: torch.device) -> dict[str, Any]:
     """Python's and torch's RNG states (and the CUDA device's)."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}

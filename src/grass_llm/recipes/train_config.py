@@ -35,7 +35,10 @@ from grass_llm.recipes.methods import METHODS, get_method
 __all__ = [
     "CHECKPOINTING",
     "DTYPES",
+    "PER_INVOCATION",
+    "RESUME_CHANGEABLE",
     "SCHEDULES",
+    "STRATEGIES",
     "DistributedSection",
     "LoraSection",
     "TrainConfig",
@@ -45,7 +48,30 @@ __all__ = [
 
 DTYPES = ("auto", "bf16", "fp32")
 CHECKPOINTING = ("none", "full", "frozen")
+#: Settings that may differ between a checkpoint and the run resuming from it: they are applied from
+#: the resume on (and recorded in the next checkpoint). Any other difference is refused.
+RESUME_CHANGEABLE = (
+    "lr",
+    "max_steps",
+    "epochs",
+    "save_every",
+    "max_nonfinite_steps",
+    "tensorboard",
+    "plots",
+    "eval_heldout",
+    "threads",
+    "device",
+    "data_dir",
+    "out_dir",
+    "activation_checkpointing",
+    "compact_activations",
+    "chunked_loss",
+    "distributed",
+)
+#: Settings of one invocation, never taken from the checkpoint being resumed.
+PER_INVOCATION = ("resume", "overwrite", "stop_at_step")
 SCHEDULES = ("linear", "cosine", "constant")
+STRATEGIES = ("auto", "replicated", "fsdp2")
 #: GrassConfig keys that follow from top-level keys (``policy`` follows from the method)
 _GRASS_FROM = {"max_grad_norm": "max_grad_norm", "seed": "seed"}
 
@@ -84,6 +110,17 @@ class LoraSection:
 class DistributedSection:
     """Several processes (``torchrun`` / ``accelerate launch``)."""
 
+    strategy: str = field(
+        default="auto",
+        metadata=_help(
+            "replicated: every rank holds the whole model (GRASS synchronises the active layers itself; DDP "
+            "for fft / lora / dora); fsdp2: torch's fully_shard shards every decoder block and the root over "
+            "the ranks, for models whose weights do not fit one device (the optimizer states are sharded "
+            "like the weights; checkpoints are sharded, resumable on any number of processes); auto: fsdp2 "
+            "under `accelerate launch` with an FSDP2 config (ACCELERATE_USE_FSDP=true, FSDP_VERSION=2), "
+            "replicated otherwise. No effect on one process."
+        ),
+    )
     shard_optimizer_states: bool = field(
         default=False,
         metadata=_help(
@@ -100,8 +137,9 @@ class TrainConfig:
     model: str = field(
         default="builtin:tiny",
         metadata=_help(
-            "Hub name or local directory of a causal LM; builtin:tiny = a tiny random Llama built in memory "
-            "with the built-in tokenizer (no download)."
+            "Hub name or local directory of a causal LM; builtin:tiny-pretrained = a tiny Llama (8 layers) "
+            "pretrained on the built-in arithmetic corpus, shipped with the package (the demo's model); "
+            "builtin:tiny = the same shape, randomly initialised. Both use the built-in tokenizer (no download)."
         ),
     )
     method: str = field(
@@ -212,10 +250,47 @@ class TrainConfig:
     )
     resume: str | None = field(
         default=None,
-        metadata=_help("Resume from a checkpoint directory, or auto (the latest one in out_dir, if any)."),
+        metadata=_help(
+            "Resume from a checkpoint directory, or auto (the newest intact one in out_dir; none there: "
+            "start). Same as --resume / --resume=PATH."
+        ),
     )
-    tensorboard: bool = field(default=True, metadata=_help("Mirror the log to TensorBoard (out_dir/tb)."))
-    plots: bool = field(default=True, metadata=_help("Draw the run's plots at the end."))
+    overwrite: bool = field(
+        default=False,
+        metadata=_help(
+            "Start over in an out_dir that holds an earlier run, deleting its log, checkpoints, final model, "
+            "plots, TensorBoard events and eval results. Without it such an out_dir is refused (continue "
+            "the run with --resume instead)."
+        ),
+    )
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata=_help(
+            "A step whose gradients are not finite (NaN/Inf) is skipped (no weight, optimizer or MGN "
+            "change) and counted; after this many in a row the run stops with exit code 1, keeping the "
+            "last checkpoint. 0: never stop."
+        ),
+    )
+    threads: int | None = field(
+        default=None,
+        metadata=_help(
+            "CPU threads of torch (intra-op). Default: $OMP_NUM_THREADS if set, else 1 for a model on "
+            "CPU (fastest for small models, and no 10x slowdown when another process shares the cores), "
+            "torch's default for a model on GPU."
+        ),
+    )
+    eval_heldout: int = field(
+        default=0,
+        metadata=_help(
+            "With data=builtin:arith (ignored for other data): answer this many held-out arithmetic "
+            "questions (none in the training sample) by greedy decoding before and after training, and print "
+            "the accuracy (LLM-Adapters' answer rule). 0: off."
+        ),
+    )
+    tensorboard: bool = field(
+        default=True, metadata=_help("Mirror the log to TensorBoard (out_dir/tensorboard).")
+    )
+    plots: bool = field(default=True, metadata=_help("Draw the run's plots at the end (out_dir/plots)."))
     grass: GrassConfig = field(
         default_factory=dict,  # type: ignore[assignment]  # resolved into a GrassConfig in __post_init__
         metadata=_help("GRASS settings of the layer-wise methods (grass_llm.GrassConfig)."),
@@ -294,6 +369,11 @@ class TrainConfig:
         _int("batch_size", self.batch_size, 1)
         _int("grad_accum", self.grad_accum, 1)
         _int("save_every", self.save_every, 0)
+        _int("max_nonfinite_steps", self.max_nonfinite_steps, 0)
+        _int("eval_heldout", self.eval_heldout, 0)
+        if self.threads is not None:
+            _int("threads", self.threads, 1)
+
         _int("seed", self.seed, 0)
         if self.max_steps is not None:
             _int("max_steps", self.max_steps, 1)
@@ -317,8 +397,15 @@ class TrainConfig:
         ):
             _bool(name, getattr(self, name))
         _bool("tensorboard", self.tensorboard)
+        _bool("overwrite", self.overwrite)
         _bool("plots", self.plots)
         _bool("distributed.shard_optimizer_states", self.distributed.shard_optimizer_states)
+        _choice("distributed.strategy", self.distributed.strategy, STRATEGIES)
+        if self.distributed.strategy == "fsdp2" and self.distributed.shard_optimizer_states:
+            raise TrainConfigError(
+                "distributed.shard_optimizer_states=true is for distributed.strategy=replicated; under fsdp2 "
+                "the optimizer states are sharded like the weights already. Allowed: one of the two"
+            )
         lo = self.lora
         _int("lora.rank", lo.rank, 1)
         _positive("lora.alpha", lo.alpha)
@@ -380,12 +467,20 @@ def load_train_config(
         import yaml
 
         p = Path(path)
+        if p.is_dir():
+            raise TrainConfigError(f"config file {str(p)!r} is a directory; allowed: a YAML file")
         if not p.is_file():
             raise TrainConfigError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise TrainConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        except UnicodeDecodeError:
+            raise TrainConfigError(
+                f"config file {str(p)!r} is not a text file; allowed: a YAML file"
+            ) from None
+        except OSError as e:
+            raise TrainConfigError(f"config file {str(p)!r} cannot be read: {e.strerror}") from None
         if not isinstance(loaded, dict):
             raise TrainConfigError(f"config file {str(p)!r} must hold a mapping of key: value")
         _deep_update(merged, _nest(loaded))

@@ -327,4 +327,4 @@ def test_accelerate_fsdp1_is_refused(tmp_path):
         2,
         {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
     )
-    assert bad.returncode == 2 and "fsdp_version: 2" in bad.stderr
+    assert bad.returncode != 0 and "fsdp_version: 2" in bad.stderr  # (torchrun exits 1 when a worker fails)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": (
-        "grass_llm.recipes.finetune",
+        "grass_llm.recipes.train_cli",
         "fine-tune a model with GRASS or a baseline (YAML config + key=value overrides)",
     ),
     "eval": ("grass_llm.evaluate", "evaluate a model on LLM-Adapters arithmetic / commonsense benchmarks"),

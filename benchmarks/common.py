@@ -175,6 +175,84 @@ def llama(shape: Shape, max_positions: int = 2048, seed: int = 0, dtype: torch.d
     )
 
 
+#: Hugging Face configs of the models in the paper's tables (+ LLaMA2-70B for FSDP2), by name; ``tiny`` is
+#: the 4-layer stand-in of the ``--smoke`` / ``--dry-run`` modes. (class name in transformers, kwargs)
+MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "TinyLlama-1.1B": (
+        "LlamaConfig",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            intermediate_size=5632,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "Gemma-2B": (
+        "GemmaConfig",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=18,
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            head_dim=256,
+            intermediate_size=16384,
+            vocab_size=256000,
+            max_position_embeddings=8192,
+        ),
+    ),
+    "LLaMA2-7B": (
+        "LlamaConfig",
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=11008,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+        ),
+    ),
+    "LLaMA2-70B": (
+        "LlamaConfig",
+        dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+    "tiny": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            max_position_embeddings=256,
+        ),
+    ),
+}
+
+
+def model_config(name: str, label: str | None = None):
+    """The transformers config of ``MODEL_SHAPES[name]``, named ``label`` (default ``name``) in reports."""
+    import transformers
+
+    cls, kwargs = MODEL_SHAPES[name]
+    cfg = getattr(transformers, cls)(**kwargs)
+    cfg._name_or_path = label or name
+    return cfg
+
+
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

@@ -34,7 +34,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import REPO_ROOT, command_line, hardware, hardware_lines, load_average, write_results  # noqa: E402
+from common import (  # noqa: E402
+    REPO_ROOT,
+    command_line,
+    hardware,
+    hardware_lines,
+    load_average,
+    model_config,
+    write_results,
+)
 
 RESULTS = HERE / "results"
 TOLERANCE = 0.05
@@ -65,19 +73,7 @@ THROUGHPUT = [
 
 
 def tiny_config():
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-    )
-    cfg._name_or_path = "tiny (dry run)"
-    return cfg
+    return model_config("tiny", "tiny (dry run)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, hardware, hardware_lines, load_average
+from common import command_line, hardware, hardware_lines, load_average, model_config
 
 from grass_llm.memory import CATEGORIES, MemoryEstimate, estimate_memory, format_table
 
@@ -76,57 +76,12 @@ SWEEP_SEQ = [256, 512, 1024, 1792, 2048]
 
 
 def configs():
-    from transformers import GemmaConfig, LlamaConfig
-
-    tiny = LlamaConfig(
-        hidden_size=2048,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        intermediate_size=5632,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-    )
-    tiny._name_or_path = "TinyLlama-1.1B"
-    gemma = GemmaConfig(
-        hidden_size=2048,
-        num_hidden_layers=18,
-        num_attention_heads=8,
-        num_key_value_heads=1,
-        head_dim=256,
-        intermediate_size=16384,
-        vocab_size=256000,
-        max_position_embeddings=8192,
-    )
-    gemma._name_or_path = "Gemma-2B"
-    llama7 = LlamaConfig(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        intermediate_size=11008,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    )
-    llama7._name_or_path = "LLaMA2-7B"
-    return {"TinyLlama-1.1B": tiny, "Gemma-2B": gemma, "LLaMA2-7B": llama7}
+    return {name: model_config(name) for name in ("TinyLlama-1.1B", "Gemma-2B", "LLaMA2-7B")}
 
 
 def smoke_configs():
     """A tiny Llama standing in for every model (``--smoke``)."""
-    from transformers import LlamaConfig
-
-    tiny = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-    )
-    tiny._name_or_path = "tiny"
-    return {"LLaMA2-7B": tiny}
+    return {"LLaMA2-7B": model_config("tiny")}
 
 
 def _estimate(cfg, name: str, method: str, kw: dict, label: str, seq_len: int, log=print) -> dict:

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, hardware, hardware_lines, load_average, write_results
+from common import command_line, hardware, hardware_lines, load_average, model_config, write_results
 
 from grass_llm.memory import estimate_memory, format_table
 
@@ -40,36 +40,11 @@ ROWS = [
 
 
 def llama2_70b():
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-    )
-    cfg._name_or_path = "LLaMA2-70B"
-    return cfg
+    return model_config("LLaMA2-70B")
 
 
 def tiny():
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-    )
-    cfg._name_or_path = "tiny"
-    return cfg
+    return model_config("tiny")
 
 
 def main(argv=None) -> int:

@@ -47,10 +47,10 @@ def test_memory_fsdp2_smoke(tmp_path: Path) -> None:
     """Every row (GRASS train / probe with frozen and full checkpointing, FFT, LoRA) on 8 fake FSDP2 ranks."""
     proc = _run("memory_fsdp2.py", "--out", str(tmp_path), timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "memory_fsdp2.json").read_text())
+    res = json.loads((tmp_path / "memory_fsdp2_smoke.json").read_text())
     rows = res["rows"]
     assert len(rows) == 6 and all(r["peak"] > 0 and r["world_size"] == 8 for r in rows)
-    assert "FSDP2 x8 (per rank)" in (tmp_path / "memory_fsdp2.md").read_text()
+    assert "FSDP2 x8 (per rank)" in (tmp_path / "memory_fsdp2_smoke.md").read_text()
 
 
 @pytest.mark.skipif(not (BENCH / "accuracy.py").exists(), reason="no benchmarks/")

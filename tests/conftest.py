@@ -28,6 +28,15 @@ def _reset_torch_state():
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread (the tiny models run far faster on one thread than on two contended ones)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "llm-adapters").is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")

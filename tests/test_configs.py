@@ -5,22 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from grass_llm.recipes.methods import METHODS
 from grass_llm.recipes.train_config import TrainConfig, load_train_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 PAPER = [p for p in CONFIGS if p.name != "demo.yaml"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_configs_are_shipped():

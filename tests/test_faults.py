@@ -31,7 +31,7 @@ from grass_llm.cli import main
 from grass_llm.recipes.run_checkpoint import find_latest_checkpoint, list_checkpoints, verify_checkpoint
 from grass_llm.recipes.runlog import read_log
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
 FAST = [
     "model=builtin:tiny",
@@ -49,14 +49,6 @@ FAST = [
 ]
 # log keys that depend on the wall clock or the process, not on the computation
 _TIMING = ("time", "tokens_per_s", "memory_bytes", "rss_bytes")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def train(capsys, *args) -> tuple[int, str, str]:

@@ -14,6 +14,8 @@ from grass_llm.cli import main
 from grass_llm.recipes.run_checkpoint import find_latest_checkpoint
 from grass_llm.recipes.runlog import read_log
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = [
     "model=builtin:tiny",
     "data=builtin:arith",
@@ -29,15 +31,6 @@ FAST = [
 ]
 # keys of a log record that depend on the wall clock or the process, not on the computation
 _TIMING = ("time", "tokens_per_s", "memory_bytes", "rss_bytes")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the tiny model is far faster on one thread than on two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(tmp_path, *overrides, name="run"):

@@ -20,8 +20,8 @@ weights in host memory (``grass.fp32_master_weights: auto``), the chunked loss, 
 checkpointing unless asked. Two things are set for the measurement: GRASS-style methods run their
 training phase (``grass.probe_steps: 0``) with the WORST-case active layers, ``0 .. gamma-1``
 (activations are saved from the lowest active layer upward), forced with
-``GrassOptimizer.activate``; and ``torch.optim`` picks its CUDA implementation (``foreach``) where it
-would on a CUDA device (``optimizer_impl="auto"``; on ``meta`` it would pick the for-loop).
+``GrassOptimizer.activate``; and ``torch.optim``'s AdamW runs the implementation ``grass-llm train``
+builds on a CUDA device, fused (``optimizer_impl="auto"``; on ``meta`` torch would pick the for-loop).
 
 ``estimate_memory(..., fake=False)`` runs the same steps on real CPU tensors (the device is then the
 CPU, where ``offload: auto`` is off); the tests use it to check that the fake run counts the same bytes
@@ -868,7 +868,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--optimizer-impl",
         choices=OPTIMIZER_IMPLS,
         default="auto",
-        help="torch.optim AdamW implementation (default auto: what torch picks on CUDA, foreach)",
+        help="torch.optim AdamW implementation (default auto: what grass-llm train builds on CUDA, fused)",
     )
     parser.add_argument(
         "--unit", choices=tuple(_UNITS), default="GiB", help="unit of the table (default GiB)"

@@ -293,7 +293,15 @@ def test_fsdp2_resumes_two_one_two(fsdp2_run, tmp_path):
 def test_fsdp2_baselines_equal_one_process(tmp_path, method):
     """FFT and LoRA (peft) on FSDP2 (accumulation without reduce-scatter, clipping over the shards),
     picked by accelerate's FSDP2 environment, equal one process; a resume into FSDP2 continues it."""
-    args = [*COMMON, f"method={method}", "max_steps=12", "max_grad_norm=0.05", "save_every=6"]
+    # eval_heldout: greedy generation on the sharded model (every rank in step), before and after
+    args = [
+        *COMMON,
+        f"method={method}",
+        "max_steps=12",
+        "max_grad_norm=0.05",
+        "save_every=6",
+        "eval_heldout=4",
+    ]
     accelerate_fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what accelerate launch exports
     two = _run(
         tmp_path,
@@ -314,8 +322,10 @@ def test_fsdp2_baselines_equal_one_process(tmp_path, method):
         torch.tensor([r["loss"] for r in _log(tmp_path / "one")]),
         **LOSS_TOL,
     )
-    # LoRA: the merged model and the adapter are written, as on one process
+    # the final model is gathered (LoRA: merged, and the adapter alone), as on one process
     _assert_weights_close(_weights(tmp_path / "two"), _weights(tmp_path / "one"))
+    heldout = [line for line in two.stdout.splitlines() if "held-out accuracy:" in line]
+    assert len(heldout) == 1 and heldout[0] in one.stdout  # same answers as one process
     if method == "lora":
         assert (tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -328,3 +338,27 @@ def test_accelerate_fsdp1_is_refused(tmp_path):
         {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
     )
     assert bad.returncode != 0 and "fsdp_version: 2" in bad.stderr  # (torchrun exits 1 when a worker fails)
+
+
+def test_strategy_resolution():
+    from grass_llm.recipes.launch import Launch, resolve_strategy
+    from grass_llm.recipes.train_config import TrainConfigError, load_train_config
+
+    two = Launch(world_size=2)
+    assert resolve_strategy("fsdp2", Launch(), {}) == "single"  # one process: nothing to shard over
+    assert resolve_strategy("auto", two, {}) == "replicated"  # torchrun
+    assert resolve_strategy("auto", two, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == "fsdp2"
+    assert (
+        resolve_strategy("replicated", two, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+        == "replicated"
+    )
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        resolve_strategy("auto", two, {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(
+        TrainConfigError, match=r"distributed\.strategy='fsdp' is unknown .*allowed: auto, replicated, fsdp2"
+    ):
+        load_train_config(overrides=["distributed.strategy=fsdp"])
+    with pytest.raises(
+        TrainConfigError, match=r"shard_optimizer_states=true is for distributed\.strategy=replicated"
+    ):
+        load_train_config(overrides=["distributed.strategy=fsdp2", "distributed.shard_optimizer_states=true"])

@@ -47,7 +47,7 @@ from torch import nn
 
 from grass_llm.distributed.base import DataParallelBackend
 
-__all__ = ["FSDP2Backend", "apply_fsdp2", "is_fsdp2_model", "local_tensor"]
+__all__ = ["FSDP2Backend", "apply_fsdp2", "fsdp_root", "is_fsdp2_model", "local_tensor"]
 
 
 def _dtensor_cls():
@@ -71,8 +71,21 @@ def apply_fsdp2(model: nn.Module, layers: Any = None, mesh: Any = None) -> nn.Mo
     kwargs = {"mesh": mesh} if mesh is not None else {}
     for block in discover_layers(model, layers).blocks:
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    # a peft model: its base model is the root (peft's generate() calls the base model directly, which
+    # would bypass the root's all-gather of the embeddings were the PeftModel wrapper the root)
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fully_shard(root, **kwargs)
     return model
+
+
+def fsdp_root(model: nn.Module) -> nn.Module:
+    """The outermost ``fully_shard``-ed module of ``model`` (``model`` itself, or a peft model's base)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            return module
+    raise ValueError("the model has no fully_shard-ed module")
 
 
 def is_fsdp2_model(model: nn.Module) -> bool:
@@ -201,9 +214,12 @@ class FSDP2Backend(DataParallelBackend):
         local_shape = param.to_local().shape
         if value.shape == param.shape:
             value = value.to(param.to_local().device)
-            return distribute_tensor(
-                value, param.device_mesh, param.placements, src_data_rank=None
-            ).to_local()
+            # (a copy: some torch versions return a view that keeps the whole tensor alive)
+            return (
+                distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+                .to_local()
+                .clone()
+            )
         if value.shape == local_shape:
             return value
         raise ValueError(

@@ -107,13 +107,20 @@ def shard_like_params(optimizer_state: dict[str, Any], optimizer: Any) -> dict[s
     optimizer of a sharded model can load it. Other states (the step count) are left as they are."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    def shard(v: torch.Tensor, p: DTensor) -> DTensor:
+        # this rank's shard as a copy (some torch versions return a view of the whole tensor)
+        local = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+        return DTensor.from_local(
+            local.clone(), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
+
     params = [p for g in optimizer.param_groups for p in g["params"]]
     state = {}
     for i, st in optimizer_state["state"].items():
         p = params[int(i)]
         if isinstance(p, DTensor):
             st = {
-                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                k: shard(v, p)
                 if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == p.shape
                 else v
                 for k, v in st.items()

@@ -44,6 +44,7 @@ Run directory layout (``out_dir``, default ``runs/<method>``)::
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -51,6 +52,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -632,7 +634,9 @@ class FinetuneRecipe:
             )
             self.say(f"resume: checkpoint {issue.path} is {reason}; {where} (not deleted)")
         root = self.run_dir / CHECKPOINT_DIR
-        if path is None and issues:
+        # (rank 0 alone saw what it set aside: every rank must take its decision)
+        (none_intact,) = launch.sum([launch.is_main and path is None and bool(issues)], self.device)
+        if none_intact:
             raise TrainInputError(
                 f"cannot resume: no intact checkpoint in {root} (see above; nothing was deleted). Resume from "
                 "another checkpoint with --resume=PATH, or start over with overwrite=true"
@@ -665,6 +669,7 @@ class FinetuneRecipe:
                 "which the run would mix with this one. Resume into another out_dir, or add overwrite=true "
                 "to delete the newer checkpoints"
             )
+        self.launch.barrier()  # invariant: every rank has listed the newer checkpoints before any is deleted
         if self.launch.is_main:
             for d in newer:
                 shutil.rmtree(d)
@@ -707,7 +712,8 @@ class FinetuneRecipe:
             self.num_layers = discover_layers(model, cfg.grass.layers).num_layers
         except LayerDiscoveryError as e:
             raise TrainInputError(f"model {cfg.model!r}: {e}") from None
-        self.hf_config = model.config  # (of the unwrapped model: the final model is rebuilt from it)
+        # (of the unwrapped model: under FSDP2 the final model is rebuilt from them)
+        self.hf_config, self.generation_config = model.config, getattr(model, "generation_config", None)
         backend, shard = None, None  # one process: GrassOptimizer's LocalBackend
         if self.fsdp:  # every rank holds a shard of each block; GRASS picks its FSDP2Backend
             from grass_llm.distributed.fsdp2 import apply_fsdp2
@@ -745,11 +751,14 @@ class FinetuneRecipe:
     def _fsdp_no_sync(self):
         """FSDP2's gradient accumulation without communication (fft / lora / dora): the unsharded
         gradients stay on each rank until the last micro-batch reduce-scatters them."""
-        self.model.set_requires_gradient_sync(False, recurse=True)
+        from grass_llm.distributed.fsdp2 import fsdp_root
+
+        root = fsdp_root(self.model)
+        root.set_requires_gradient_sync(False, recurse=True)
         try:
             yield
         finally:
-            self.model.set_requires_gradient_sync(True, recurse=True)
+            root.set_requires_gradient_sync(True, recurse=True)
 
     def _enable_activation_checkpointing(self, model) -> None:
         from grass_llm.activation_checkpointing import apply_activation_checkpointing
@@ -891,6 +900,9 @@ class FinetuneRecipe:
         if self.method.wrap is not None:
             plain = self.method.wrap(plain, self.cfg)
         plain.load_state_dict(full, strict=True, assign=True)
+        if self.generation_config is not None:  # (from_config would rebuild it from config.json)
+            base = plain.get_base_model() if hasattr(plain, "get_base_model") else plain
+            base.generation_config = copy.deepcopy(self.generation_config)
         return plain
 
     # -- one optimizer step ---------------------------------------------------------------------
@@ -948,8 +960,11 @@ class FinetuneRecipe:
         self.tokens_seen += tokens
         received = self.signals.received if self.signals is not None else None
         # one all-reduce: the loss, the tokens, and whether any rank was asked to stop
-        loss_all, tokens_all, stop = launch.sum([float(loss_sum), tokens, received or 0], device)
-        signum = received or (int(stop) if stop else None)  # (another rank's signal)
+        loss_all, tokens_all, n_int, n_term = launch.sum(
+            [float(loss_sum), tokens, received == signal.SIGINT, received == signal.SIGTERM], device
+        )
+        # (another rank's signal: SIGTERM, the scheduler's, wins over SIGINT)
+        signum = received or (signal.SIGTERM if n_term else signal.SIGINT if n_int else None)
         # loss: the global token mean
         return _StepOutput(
             phase,
@@ -1092,8 +1107,15 @@ class FinetuneRecipe:
         """Every rank writes its shards into ``step-N.tmp/sharded`` (torch.distributed.checkpoint), then
         rank 0 adds ``state.pt``, the manifest of every rank's files and the marker, and renames it into
         place: a rank killed at any moment leaves every earlier checkpoint as it was."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
         from grass_llm.distributed.sharded_checkpoint import save_sharded_checkpoint
-        from grass_llm.recipes.run_checkpoint import SHARDED_DIR, begin_checkpoint, finish_checkpoint
+        from grass_llm.recipes.run_checkpoint import (
+            SHARDED_DIR,
+            begin_checkpoint,
+            file_digests,
+            finish_checkpoint,
+        )
 
         launch = self.launch
         path = None
@@ -1101,10 +1123,17 @@ class FinetuneRecipe:
             tmp = begin_checkpoint(self.run_dir, self.step, create=launch.is_main)
             launch.barrier()  # invariant: the empty step-N.tmp exists before any rank writes into it
             save_sharded_checkpoint(tmp / SHARDED_DIR, self.model, self.optimizer)  # (ends with a barrier)
+            # each rank hashes the shards it wrote (DCP names them __<rank>_<n>.distcp), rank 0 lists them
+            mine = file_digests(tmp, f"{SHARDED_DIR}/__{launch.rank}_*.distcp")
+            digests = launch.gather_object(mine)
             if launch.is_main:
+                missing = [r for r, d in enumerate(digests) if not d]
+                if missing:
+                    raise OSError(f"ranks {missing} wrote no shard into {tmp / SHARDED_DIR}")
+                known = {k: v for d in digests for k, v in d.items()}
                 yaml = config_yaml(self.cfg, self.history)
-                path = finish_checkpoint(self.run_dir, self.step, tmp, {"state": state}, yaml)
-        except OSError as e:
+                path = finish_checkpoint(self.run_dir, self.step, tmp, {"state": state}, yaml, known)
+        except (OSError, CheckpointException) as e:
             raise TrainFailed(
                 f"cannot write the checkpoint of step {self.step}: {e}. {self._kept()}"
             ) from None

@@ -15,6 +15,7 @@ resumes on any world size that divides ``batch_size``.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Launch", "from_env", "resolve_strategy"]
+__all__ = ["COLLECTIVE_TIMEOUT_MIN", "Launch", "from_env", "resolve_strategy"]
+
+COLLECTIVE_TIMEOUT_MIN = 60  # minutes a rank waits in a collective before the process group gives up
 
 
 @dataclass
@@ -59,6 +62,14 @@ class Launch:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (a list in rank order); None on the other ranks."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -85,7 +96,12 @@ def from_env(device: torch.device, env: Any = None) -> tuple[Launch, torch.devic
         torch.cuda.set_device(device)
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # a long timeout: rank 0 alone gathers and writes the final model (~130 GiB for a 70B model)
+        # while the others wait in a collective, longer than NCCL's default 10 minutes
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN),
+        )
         owns = True
     return Launch(rank=rank, local_rank=local, world_size=world, owns_group=owns), device
 

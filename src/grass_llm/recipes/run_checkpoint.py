@@ -51,6 +51,7 @@ __all__ = [
     "CheckpointIssue",
     "begin_checkpoint",
     "checkpoint_path",
+    "file_digests",
     "find_latest_checkpoint",
     "find_resumable",
     "finish_checkpoint",
@@ -165,9 +166,27 @@ def begin_checkpoint(run_dir: Path, step: int, create: bool = True) -> Path:
     return tmp
 
 
-def finish_checkpoint(run_dir: Path, step: int, tmp: Path, payload: dict[str, Any], config_yaml: str) -> Path:
-    """Write the rest of ``payload`` into ``tmp``, the manifest of EVERY file in it (sharded files written
-    there by other ranks included), the marker, then rename it to ``step-N`` and rotate."""
+def file_digests(root: Path, pattern: str = "**/*") -> dict[str, dict[str, Any]]:
+    """``{path relative to root: {"sha256", "bytes"}}`` of the files under ``root`` matching ``pattern``
+    (what a rank computes for the shards it wrote, to hand to :func:`finish_checkpoint`)."""
+    return {
+        str(f.relative_to(root)): {"sha256": _sha256(f), "bytes": f.stat().st_size}
+        for f in sorted(root.glob(pattern))
+        if f.is_file()
+    }
+
+
+def finish_checkpoint(
+    run_dir: Path,
+    step: int,
+    tmp: Path,
+    payload: dict[str, Any],
+    config_yaml: str,
+    known: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Write the rest of ``payload`` into ``tmp``, the manifest of every file in it, the marker, then
+    rename it to ``step-N`` and rotate. ``known``: digests of files other ranks wrote into ``tmp`` and
+    hashed themselves (:func:`file_digests`); they are listed whether or not this process sees them yet."""
     root = Path(run_dir) / CHECKPOINT_DIR
     final = checkpoint_path(run_dir, step)
     if "model" in payload:
@@ -176,12 +195,10 @@ def finish_checkpoint(run_dir: Path, step: int, tmp: Path, payload: dict[str, An
         if name in payload:
             _write(tmp / f"{name}.pt", lambda f, name=name: torch.save(payload[name], f))
     _write(tmp / "config.yaml", lambda f: f.write(config_yaml.encode()))
-    files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
-    manifest = {
-        "format": FORMAT,
-        "step": step,
-        "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files},
-    }
+    known = known or {}
+    files = sorted({str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()} - set(known))
+    entries = {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}
+    manifest = {"format": FORMAT, "step": step, "files": dict(sorted({**entries, **known}.items()))}
     _write(tmp / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
     _write(tmp / _COMPLETE, lambda f: f.write(f"{step}\n".encode()))
     for f in tmp.rglob("*"):  # (the files other ranks wrote, too)

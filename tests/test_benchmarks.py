@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts: each runs in its tiny ``--smoke`` mode and writes its table.
 
 They check the scripts run end to end and produce well-formed Markdown + JSON, not the numbers.
+The accuracy study has its own file, ``test_accuracy_benchmark.py`` (smoke + determinism).
 """
 
 from __future__ import annotations
@@ -40,19 +41,6 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "throughput.json").read_text())
     assert res["smoke"] and res["methods"]["fft"]["tokens_per_s"] > 0
     assert {"grass", "no-mgn", "probe"} <= set(res["overhead"])
-
-
-@pytest.mark.skipif(not (BENCH / "accuracy.py").exists(), reason="no benchmarks/")
-def test_accuracy_smoke(tmp_path: Path) -> None:
-    proc = _run("accuracy.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    md = (tmp_path / "accuracy.md").read_text()
-    assert "SMOKE RUN" in md
-    for method in ("fft", "lora", "lisa", "grass", "grass-static"):
-        assert f"| {method} |" in md
-    res = json.loads((tmp_path / "accuracy.json").read_text())
-    assert len(res["runs"]) == 5 and all(0 <= r["accuracy"] <= 100 for r in res["runs"])
-    assert list((tmp_path / "cache").rglob("pretrained-*.pt")), "the pretrained model is cached"
 
 
 # ------------------------------------------------------------------------------------------------

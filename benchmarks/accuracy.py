@@ -610,6 +610,7 @@ class Runner:
     def __init__(self, ctx: dict[str, Any], blob: Path, workers: int, threads: int, log) -> None:
         self.log, self.done, self.t0 = log, 0, time.perf_counter()
         self.cache: dict[tuple, dict[str, Any]] = {}
+        self.loads: list[float | None] = []  # 1-minute load average after each run
         self.pool = None
         if workers > 1:
             mp = multiprocessing.get_context("spawn")
@@ -623,6 +624,7 @@ class Runner:
         for spec, r in results:
             self.cache[spec.key] = r
             self.done += 1
+            self.loads.append(load_average())
             self.log(
                 f"[{self.done} runs, {(time.perf_counter() - self.t0) / 60:.1f} min] {r['task']} {r['method']}"
                 f"{' ' + r['config'] if r['config'] else ''} lr {r['lr']:.1e} seed {r['seed']}: "
@@ -721,6 +723,13 @@ def sensitivity_study(runner: Runner, s: Settings) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
+def _load_summary(loads: list[float | None]) -> dict[str, float]:
+    xs = [x for x in loads if x is not None]
+    if not xs:
+        return {}
+    return {"load_avg_min": min(xs), "load_avg_mean": round(statistics.fmean(xs), 2), "load_avg_max": max(xs)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -808,7 +817,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = {**header, **main_study(runner, s, methods), "comparisons": COMPARISONS}
             res["wall_seconds"] = time.perf_counter() - t0
-            res["hardware"] = {**hw, "load_avg_end": load_average()}
+            res["hardware"] = {**hw, "load_avg_end": load_average(), **_load_summary(runner.loads)}
+            runner.loads = []
             res["plots"] = plot_main(res, args.out)
             (args.out / "accuracy.json").write_text(json.dumps(res, indent=1) + "\n")
             (args.out / "accuracy.md").write_text(render_main(res))
@@ -817,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = {**header, **sensitivity_study(runner, s)}
             res["wall_seconds"] = time.perf_counter() - t0
-            res["hardware"] = {**hw, "load_avg_end": load_average()}
+            res["hardware"] = {**hw, "load_avg_end": load_average(), **_load_summary(runner.loads)}
             (args.out / "sensitivity.json").write_text(json.dumps(res, indent=1) + "\n")
             (args.out / "sensitivity.md").write_text(render_sensitivity(res))
             print((args.out / "sensitivity.md").read_text())

@@ -50,6 +50,14 @@ def _header(res: dict[str, Any], title: str) -> list[str]:
         f"{num['torch_interop_threads']}); ATen CPU kernels {num['cpu_capability']} (CPU has AVX-512: "
         f"{num['cpu_has_avx512']}); {env}" + ("" if num["pinned"] else " (NOT the pinned numerics)"),
         f"- {versions}, Python {num['python']}",
+        *(
+            [
+                f"- load while the runs ran (1-minute average, sampled after each run): min "
+                f"{hw['load_avg_min']:.1f}, mean {hw['load_avg_mean']:.1f}, max {hw['load_avg_max']:.1f}"
+            ]
+            if "load_avg_mean" in hw
+            else []
+        ),
         f"- wall time: {res['wall_seconds'] / 60:.1f} min"
         + ("" if pre.get("cached") is not False else f" + pretraining {pre['seconds'] / 60:.1f} min")
         + " (the machine was shared: see the load average above)",
@@ -361,3 +369,25 @@ def plot_main(res: dict[str, Any], out: Path) -> list[str]:
     plt.close(fig)
     files.append("val_loss.png")
     return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render the reports and plots of a results directory from its JSON (no runs)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("out", type=Path, help="results directory (holding accuracy.json / sensitivity.json)")
+    args = p.parse_args(argv)
+    if (args.out / "accuracy.json").exists():
+        res = json.loads((args.out / "accuracy.json").read_text())
+        res["plots"] = plot_main(res, args.out)
+        (args.out / "accuracy.md").write_text(render_main(res))
+    if (args.out / "sensitivity.json").exists():
+        res = json.loads((args.out / "sensitivity.json").read_text())
+        (args.out / "sensitivity.md").write_text(render_sensitivity(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -740,6 +740,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "cached pretrained model and print what it knows")  # fmt: skip
     p.add_argument("--methods", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
+    p.add_argument(
+        "--sens-task",
+        choices=TASKS,
+        default=Settings.sens_task,
+        help=f"task of the sensitivity study (default {Settings.sens_task})",
+    )
     p.add_argument("--seeds", type=int, default=None, help="test seeds 0..n-1 (default 10)")
     p.add_argument(
         "--steps", type=int, default=None, help=f"fine-tuning steps per run (default {Settings.steps})"
@@ -774,7 +780,9 @@ def main(argv: list[str] | None = None) -> int:
         methods.remove("badam-pkg")
         skipped["badam-pkg"] = why
         print(f"skipping badam-pkg: {why}")
-    s.methods, s.tasks = tuple(methods), tuple(tasks)
+    s.methods, s.tasks, s.sens_task = tuple(methods), tuple(tasks), args.sens_task
+    if args.study in ("sensitivity", "all") and s.sens_task not in s.tasks:
+        s.tasks = (*s.tasks, s.sens_task)
     if args.seeds:
         s.seeds = tuple(range(args.seeds))
     if args.steps:

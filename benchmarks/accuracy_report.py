@@ -303,20 +303,23 @@ def plot_main(res: dict[str, Any], out: Path) -> list[str]:
         last = _normalised([statistics.fmean(run[-1][i] for run in runs) for i in range(n)])
         ax_prof.plot(range(n), first, ls=":", alpha=0.7, label=f"{task}: first {100 // s['curve_points']}%")
         ax_prof.plot(range(n), last, ls="--", alpha=0.7, label=f"{task}: last {100 // s['curve_points']}%")
-        g = [r for r in _test_runs(res, task, "grass").values() if "trained_steps_per_layer" in r]
-        if g:
-            tot = [sum(r["trained_steps_per_layer"][i] for r in g) for i in range(n)]
-            ax_share.plot(
-                range(n), [100.0 * t / max(1, sum(tot)) for t in tot], marker="s", label=f"{task}: GRASS"
-            )
-    ax_share.axhline(100.0 / s["layers"], color="gray", ls=":", label="uniform")
+        for m, style in (("grass", "-"), ("grass-uniform", ":")):
+            g = [r for r in _test_runs(res, task, m).values() if "trained_steps_per_layer" in r]
+            if g:
+                tot = [sum(r["trained_steps_per_layer"][i] for r in g) for i in range(n)]
+                share = [100.0 * t / max(1, sum(tot)) for t in tot]
+                ax_share.plot(range(n), share, marker="s", ls=style, label=f"{task}: {LABELS[m]}")
+    ax_share.axhline(100.0 / s["layers"], color="gray", lw=0.8, label="1 / layers")
     ax_prof.set(
         xlabel="decoder layer", ylabel="MGN / mean over layers", title="Layer importance (FFT gradients)"
     )
-    ax_share.set(xlabel="decoder layer", ylabel="% of GRASS's layer-steps", title="Where GRASS trained")
+    ax_share.set(
+        xlabel="decoder layer", ylabel="% of layer-steps (all test seeds)", title="Which layers were trained"
+    )
     for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+        ax.set_xticks(range(s["layers"]))
     fig.tight_layout()
     fig.savefig(out / "mgn_layers.png", dpi=110)
     plt.close(fig)

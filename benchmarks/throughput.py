@@ -26,15 +26,16 @@ the repetitions and tokens/s = batch * seq / median step time, as ratios to FFT 
 Overhead (Table 8 layout), in a second phase with three more copies, also interleaved:
 
 - ``grass`` : GRASS gamma=2 training steps, MGN observation on (the shipped code path);
-- ``no-mgn``: the same, with ``ImportanceTracker.observe_grads`` replaced by a no-op on that
-  optimizer's tracker only, so the step-time difference isolates the MGN computation. Both use a
+- ``no-mgn``: the same, with the optimizer's gradient hooks reading no norm and
+  ``ImportanceTracker.observe`` a no-op, on that optimizer only, so the step-time difference isolates
+  the MGN computation (the norms read in the hooks and their observation). Both use a
   seeded fixed layer schedule (policy ``uniform``, same seed) so they train the same layers step
   for step; with policy ``grass`` the no-op variant would draw other layers and the depth of
   backward would confound the difference;
 - ``probe``: GRASS in its probing phase (forward + backward through every layer, no update).
 
-The MGN cost is also timed directly (``observe_grads`` + ``end_period`` wrapped with a timer,
-synchronised on CUDA). The probing phase is compared with an equal number of training steps.
+The per-period part of the MGN cost is also timed directly (``observe`` + ``end_period`` wrapped with
+a timer, synchronised on CUDA; the norms read in the hooks are only in the A/B difference). The probing phase is compared with an equal number of training steps.
 Shares of a whole run use the measured per-step times and a run of ``--total-steps`` optimizer
 steps with ``--probe-steps`` probing steps (defaults 3750 and 150: math_10k, 3 epochs at batch 8,
 and the paper's Tp; the paper does not state T, so this is our assumption).
@@ -173,7 +174,7 @@ def build_overhead_runners(args, base, batches, device) -> tuple[list[Runner], d
 
     model_a, opt_a = grass_copy(0)
     tracker = opt_a.importance_tracker
-    observe, end_period = tracker.observe_grads, tracker.end_period
+    observe, end_period = tracker.observe, tracker.end_period
 
     def timed(fn, count: bool):
         def wrapper(*a, **k):
@@ -187,11 +188,14 @@ def build_overhead_runners(args, base, batches, device) -> tuple[list[Runner], d
 
         return wrapper
 
-    tracker.observe_grads = timed(observe, True)
+    tracker.observe = timed(observe, True)
     tracker.end_period = timed(end_period, False)
 
+    # MGN off, this copy only: the hooks read no norm and nothing is observed (the per-step
+    # non-finite check stays: it is not part of the MGN)
     model_b, opt_b = grass_copy(0)
-    opt_b.importance_tracker.observe_grads = lambda grads, scale=1.0: None  # MGN off, this copy only
+    opt_b.importance_tracker.observe = lambda sumsq, layers: None
+    opt_b._on_grad = lambda p: None
 
     model_p, opt_p = grass_copy(10**9)  # probing for ever
     runners = [

@@ -2,13 +2,14 @@
 
     python examples/hf_trainer.py            # tiny random Llama + built-in arithmetic data, CPU
 
-Three things to do:
+Two things to do:
 1. build the optimizer and scheduler with `create_grass_optimizer_and_scheduler` and pass them as
    `optimizers=(optimizer, scheduler)`;
-2. set `max_grad_norm=0` in TrainingArguments (the Trainer clips before step(), which would hide the
-   raw gradient norms GRASS samples by) and clip with `GrassConfig.max_grad_norm` instead;
-3. `add_grass_callback(trainer)` logs active layers, MGN and probabilities per layer
+2. `add_grass_callback(trainer)` logs active layers, MGN and probabilities per layer
    (`grass/active/layer_i`, `grass/mgn/layer_i`, `grass/prob/layer_i`) to every reporter.
+The Trainer's clipping (max_grad_norm), accumulation and mixed precision need no change.
+Optional: `compute_loss_func=ChunkedCausalLMLoss(model)` computes the same loss without the full fp32
+logits (the largest activation for a large vocabulary).
 """
 
 import tempfile
@@ -16,7 +17,7 @@ import tempfile
 import torch
 from transformers import Trainer, TrainingArguments
 
-from grass_llm import GrassConfig
+from grass_llm import ChunkedCausalLMLoss, GrassConfig
 from grass_llm.data import builtin_sample, builtin_tokenizer, tokenize_records
 from grass_llm.integrations.hf import add_grass_callback, create_grass_optimizer_and_scheduler
 from grass_llm.recipes.models import tiny_llama
@@ -48,14 +49,14 @@ args = TrainingArguments(
     warmup_steps=5,  # counted after probing
     lr_scheduler_type="cosine",
     max_steps=80,
-    max_grad_norm=0.0,  # clip in GRASS instead (see GrassConfig.max_grad_norm)
+    max_grad_norm=1.0,  # the Trainer clips; GRASS reads each gradient's norm before that
     logging_steps=10,
     save_strategy="no",
     report_to=[],  # e.g. ["tensorboard"]: the GRASS scalars go there too
     use_cpu=True,
     remove_unused_columns=False,
 )
-grass = GrassConfig(active_layers=2, period=10, probe_steps=20, max_grad_norm=1.0)
+grass = GrassConfig(active_layers=2, period=10, probe_steps=20)
 optimizer, scheduler = create_grass_optimizer_and_scheduler(model, args, grass_config=grass)
 
 trainer = Trainer(
@@ -64,6 +65,7 @@ trainer = Trainer(
     train_dataset=examples,
     data_collator=collate,
     optimizers=(optimizer, scheduler),
+    compute_loss_func=ChunkedCausalLMLoss(model),  # same loss, no (B, T, vocab) fp32 logits
 )
 add_grass_callback(trainer)
 trainer.train()

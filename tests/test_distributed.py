@@ -142,7 +142,7 @@ def _worker(out: Path) -> None:
             held = {g["unit"] for g in opt.param_groups if any(p in opt.state for p in g["params"])}
             results[name]["owned"], results[name]["held"] = owned, held
 
-    # probing with different data per rank: the MGN estimator of distributed.py
+    # probing with different data per rank: the exact MGN of the global batch
     model = make_model()
     opt = make_opt(model, cfg=PROBE_CFG)
     results["probe_auto"] = type(opt.backend).__name__
@@ -271,8 +271,9 @@ def test_gradient_traffic_is_the_active_units_and_overlaps_backward(two_ranks, r
         assert not any(n == NUM_LAYERS for n, _ in calls)
 
 
-def test_probe_mgn_is_rank_mean_of_squared_norms(two_ranks):
-    """Probing reduces sqrt(mean_r ||g_r||^2 / N) per step (distributed.py), not the rank's own MGN."""
+def test_probe_mgn_is_exact_on_the_global_batch(two_ranks):
+    """Probing all-reduces each layer's gradient before reading its norm: the MGN is eq. 2 of the global
+    batch's gradient (the mean of the ranks' gradients), not of any rank's own."""
     _, ranks = two_ranks
     r0, r1 = ranks[0]["probe"], ranks[1]["probe"]
     assert torch.equal(r0["importance_after_probe"], r1["importance_after_probe"])
@@ -286,17 +287,17 @@ def test_probe_mgn_is_rank_mean_of_squared_norms(two_ranks):
     numel = torch.tensor([sum(p.numel() for p in b.parameters()) for b in blocks], dtype=torch.float64)
     obs, own = [], []
     for x in global_batches(STEPS)[: PROBE_CFG["probe_steps"]]:
-        sumsq = torch.zeros(2, NUM_LAYERS, dtype=torch.float64)
-        for r, chunk in enumerate(x.chunk(2)):
+        grads = []
+        for chunk in x.chunk(2):
             model.zero_grad()
             model(input_ids=chunk, labels=chunk).loss.backward()
-            for i, b in enumerate(blocks):
-                sumsq[r, i] = sum(
-                    torch.linalg.vector_norm(p.grad, dtype=torch.float32).double() ** 2
-                    for p in b.parameters()
-                )
-        obs.append((sumsq.mean(0) / numel).sqrt())
-        own.append((sumsq[0] / numel).sqrt())
+            grads.append([[p.grad.clone() for p in b.parameters()] for b in blocks])
+        sumsq = torch.tensor(
+            [sum(((a + b) / 2).double().pow(2).sum() for a, b in zip(*layer)) for layer in zip(*grads)]
+        )
+        obs.append((sumsq / numel).sqrt())
+        own_sq = torch.tensor([sum(g.double().pow(2).sum() for g in layer) for layer in grads[0]])
+        own.append((own_sq / numel).sqrt())
     expected = torch.stack(obs).mean(0)
     assert_close(r0["importance_after_probe"].double(), expected, rtol=1e-5, atol=0)
     # not what rank 0 would have estimated from its own gradients alone

@@ -1,4 +1,6 @@
-"""The Hugging Face Trainer integration: factory, delayed schedule, callback logs, on a tiny Llama."""
+"""GRASS through the real Hugging Face Trainer / TRL code paths: the factory, the delayed schedule,
+callback logs, resume_from_checkpoint, gradient accumulation, the Trainer's own clipping and
+non-finite steps, on a tiny Llama."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import warnings
 import pytest
 import torch
 from conftest import make_tiny_llama
+from torch.testing import assert_close
 
 from grass_llm import GrassConfig, GrassOptimizer
 from grass_llm.schedule import build_lr_scheduler
@@ -14,7 +17,6 @@ from grass_llm.schedule import build_lr_scheduler
 transformers = pytest.importorskip("transformers")
 
 from grass_llm.integrations.hf import (  # noqa: E402
-    GrassCallback,
     add_grass_callback,
     create_grass_optimizer_and_scheduler,
 )
@@ -34,6 +36,10 @@ class _RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
 
 
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def _args(tmp_path, cls=None, **kw):
     """Small CPU TrainingArguments (or a subclass such as TRL's SFTConfig) for a few steps."""
     base = dict(
@@ -45,7 +51,6 @@ def _args(tmp_path, cls=None, **kw):
         learning_rate=1e-2,
         logging_steps=1,
         max_steps=8,
-        max_grad_norm=0.0,
         disable_tqdm=True,
         seed=0,
     )
@@ -74,7 +79,7 @@ def test_trainer_trains_only_sampled_layers_and_logs_grass_state(tmp_path):
     )
     add_grass_callback(trainer)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # max_grad_norm=0: no clipping warning
+        warnings.simplefilter("error", UserWarning)  # the Trainer's default clipping needs no setting
         trainer.train()
 
     assert seen[:2] == [[], []]  # probing
@@ -122,22 +127,105 @@ def test_callback_reaches_reporters_when_added_first(tmp_path):
     assert received and all("grass/mgn/layer_0" in r for r in received)
 
 
-def test_callback_warns_when_trainer_clips(tmp_path):
-    model = make_tiny_llama(num_layers=2)
-    args = _args(tmp_path, max_steps=1, max_grad_norm=1.0)
-    with pytest.warns(UserWarning, match="max_grad_norm=0"):
-        opt, sched = create_grass_optimizer_and_scheduler(
-            model, args, grass_config=GrassConfig(active_layers=1, probe_steps=0)
-        )
-    trainer = transformers.Trainer(
-        model=model,
-        args=args,
-        train_dataset=_RandomTokens(4),
-        optimizers=(opt, sched),
-        callbacks=[GrassCallback()],
+def test_trainer_clipping_does_not_change_the_mgn(tmp_path):
+    """The Trainer clips before optimizer.step(); GRASS reads each gradient's norm before that, so the
+    MGN is the raw gradient's whatever TrainingArguments.max_grad_norm is (default 1.0 included)."""
+    results = {}
+    for clip in (0.0, 1.0, 1e-4):
+        model = make_tiny_llama(num_layers=4)
+        args = _args(tmp_path / str(clip), max_steps=2, max_grad_norm=clip)
+        cfg = GrassConfig(active_layers=2, period=1, probe_steps=1, ema=1.0)
+        opt, sched = create_grass_optimizer_and_scheduler(model, args, grass_config=cfg)
+        transformers.Trainer(
+            model=model, args=args, train_dataset=_RandomTokens(), optimizers=(opt, sched)
+        ).train()
+        results[clip] = (opt.importance, params_of(model))
+    # the same weights and batches until the first update: the same observations (ema=1: the MGN of a
+    # layer is its last observation); the tightly clipped run's weights moved differently
+    mgn = {c: r[0] for c, r in results.items()}
+    assert torch.allclose(mgn[1.0], mgn[0.0], rtol=1e-5) and torch.allclose(mgn[1e-4], mgn[0.0], rtol=1e-5)
+    assert any(not torch.equal(v, results[0.0][1][n]) for n, v in results[1e-4][1].items())
+
+
+def test_trainer_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    """resume_from_checkpoint loads our optimizer.pt and scheduler.pt (weights_only) and continues exactly:
+    probing, sampler RNG, MGN, every layer's AdamW state, the delayed LR schedule."""
+
+    def trainer(model, out):
+        args = _args(out, max_steps=10, save_strategy="steps", save_steps=4, warmup_steps=2)
+        cfg = GrassConfig(active_layers=1, period=3, probe_steps=2)
+        opt, sched = create_grass_optimizer_and_scheduler(model, args, grass_config=cfg)
+        return transformers.Trainer(
+            model=model, args=args, train_dataset=_RandomTokens(64), optimizers=(opt, sched)
+        ), opt
+
+    full = make_tiny_llama(num_layers=4)
+    t, opt_full = trainer(full, tmp_path / "full")
+    t.train()
+    resumed = make_tiny_llama(num_layers=4)
+    t, opt_resumed = trainer(resumed, tmp_path / "resumed")
+    t.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+    for n, p in full.named_parameters():
+        assert torch.equal(p, dict(resumed.named_parameters())[n]), n
+    assert torch.equal(opt_full.importance, opt_resumed.importance)
+    assert opt_full.active_layers == opt_resumed.active_layers and opt_resumed.global_step == 10
+
+
+def test_trainer_accumulation_probes_the_accumulated_gradient(tmp_path):
+    """With gradient_accumulation_steps=4 the probing MGN is eq. 2 of the step's accumulated gradient
+    (before: sqrt(k * sum_i ||g_i||^2 / N), 2x too high at k=4)."""
+    model = make_tiny_llama(num_layers=3)
+    acc: dict[int, torch.Tensor] = {}
+
+    def record(p):  # registered before GRASS's hooks: sees each micro-batch gradient first
+        acc[id(p)] = acc.get(id(p), 0) + p.grad.detach().clone()
+
+    for layer in model.model.layers:
+        for p in layer.parameters():
+            p.register_post_accumulate_grad_hook(record)
+    args = _args(tmp_path, max_steps=1, gradient_accumulation_steps=4, per_device_train_batch_size=2)
+    opt, sched = create_grass_optimizer_and_scheduler(
+        model, args, grass_config=GrassConfig(active_layers=1, probe_steps=5)
     )
-    with pytest.warns(UserWarning, match="GrassConfig.max_grad_norm"):
+    transformers.Trainer(
+        model=model, args=args, train_dataset=_RandomTokens(), optimizers=(opt, sched)
+    ).train()
+    expected = []
+    for layer in model.model.layers:
+        params = list(layer.parameters())
+        sq = sum(acc[id(p)].double().pow(2).sum() for p in params)
+        expected.append((sq / sum(p.numel() for p in params)).sqrt())
+    assert_close(opt.importance, torch.stack(expected), rtol=1e-5, atol=0)
+
+
+def test_trainer_skips_and_logs_non_finite_steps(tmp_path):
+    model = make_tiny_llama(num_layers=3)
+    args = _args(tmp_path, max_steps=5)
+    opt, sched = create_grass_optimizer_and_scheduler(
+        model, args, grass_config=GrassConfig(active_layers=2, period=10, probe_steps=1)
+    )
+    snapshots = {}
+
+    class Poison(transformers.TrainerCallback):  # a NaN loss in the 4th step
+        def on_step_begin(self, args, state, control, **kw):
+            snapshots[state.global_step] = params_of(model)
+            model.lm_head.weight.data[0, 0] = float("nan") if state.global_step == 3 else 0.0
+
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_RandomTokens(), optimizers=(opt, sched), callbacks=[Poison()]
+    )
+    add_grass_callback(trainer)
+    with pytest.warns(RuntimeWarning, match="skipped a step: non-finite gradients"):
         trainer.train()
+    assert opt.skipped_steps == 1
+    changed_in_step_4 = [
+        n for n, v in snapshots[4].items() if not torch.equal(v, snapshots[3][n]) and "lm_head" not in n
+    ]
+    assert changed_in_step_4 == []
+    assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if "lm_head" not in n)
+    assert torch.isfinite(opt.importance).all()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["grass/skipped_steps"] for h in logs] == [0.0, 0.0, 0.0, 1.0, 1.0]
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")

@@ -45,7 +45,9 @@ def tiny() -> LlamaConfig:
 @pytest.fixture
 def wide() -> LlamaConfig:
     """Parameters dominate activations (short sequence): the optimizer step is the peak."""
-    return LlamaConfig(**{**TINY, "hidden_size": 256, "intermediate_size": 512, "vocab_size": 512})
+    return LlamaConfig(
+        **{**TINY, "hidden_size": 256, "intermediate_size": 512, "vocab_size": 512, "num_hidden_layers": 8}
+    )
 
 
 @pytest.fixture
@@ -90,7 +92,9 @@ def test_tracker_rounds_like_the_caching_allocator():
 
 @pytest.mark.parametrize("method", ["fft", "grass", "lora"])
 def test_fake_estimate_matches_real_cpu_run_within_1_percent(tiny, method):
-    kw = dict(rank=8, batch_size=2, seq_len=48)
+    # the real run is on the CPU, where there is no separate host memory and torch.optim loops over the
+    # parameters: offload off and the for-loop AdamW in both runs
+    kw = dict(rank=8, batch_size=4, seq_len=48, optimizer_impl="for-loop", overrides={"grass.offload": False})
     fake = M.estimate_memory(tiny, method, **kw)
     real = M.estimate_memory(tiny, method, fake=False, **kw)
     assert fake.fake and not real.fake
@@ -98,6 +102,41 @@ def test_fake_estimate_matches_real_cpu_run_within_1_percent(tiny, method):
     for c in M.CATEGORIES:
         assert abs(getattr(fake, c) - getattr(real, c)) <= 0.01 * real.peak, c
     assert sum(fake.breakdown().values()) == fake.peak
+
+
+def test_the_estimate_steps_the_shipped_optimizers(tiny, monkeypatch):
+    """The estimate drives GrassOptimizer with its real offloader, and torch's AdamW over peft adapters."""
+    from grass_llm.offload import LayerStateOffloader
+    from grass_llm.optim import GrassOptimizer
+
+    calls = {"grass": 0, "acquire": 0, "adamw": 0}
+
+    def counting(cls, name, key):
+        original = getattr(cls, name)
+
+        def wrapper(self, *a, **k):
+            calls[key] += 1
+            return original(self, *a, **k)
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+    counting(GrassOptimizer, "step", "grass")
+    counting(LayerStateOffloader, "acquire", "acquire")
+    counting(torch.optim.AdamW, "step", "adamw")
+    grass = M.estimate_memory(tiny, "grass", batch_size=1, seq_len=16, steps=3)
+    assert calls == {"grass": 3, "acquire": 6, "adamw": 0}  # 2 active layers, one chunk each, 3 steps
+    assert grass.extra["optimizer"] == "GrassOptimizer" and grass.extra["offload"]
+    assert grass.extra["precision"] == "master"  # CUDA default: fp32 masters in host memory
+    lora = M.estimate_memory(tiny, "lora", rank=4, batch_size=1, seq_len=16, steps=2)
+    assert calls["adamw"] == 2 and calls["grass"] == 3
+    assert (
+        lora.trainable_params
+        == sum(  # what peft adds on grass-llm train's target modules
+            4 * (i + o)  # rank 4: A is 4 x in, B is out x 4
+            for i, o in [(64, 64), (64, 32), (64, 32), (64, 128), (128, 64)]  # q, k, v, up, down
+        )
+        * tiny.num_hidden_layers
+    )
 
 
 # -- what each method holds ----------------------------------------------------------------------
@@ -119,14 +158,14 @@ def test_component_ordering_on_a_small_config(wide):
     assert abs(fft.optimizer_states - 2 * weights) <= 0.02 * weights
     assert abs(fft.gradients - weights) <= 0.02 * weights
     assert fft.optimizer_states > fft.gradients > fft.activations
-    # GRASS: same weights, at most two layers' states on the device, gradients of the active layers only
+    # GRASS: same weights; on the device at most two staged chunks of a layer's state (exp_avg, exp_avg_sq
+    # in bf16 and the fp32 master: 8 bytes per parameter), gradients of the active layers only
     layer_numel = grass.trainable_params // 2
     assert grass.weights == fft.weights
-    assert 0 < grass.optimizer_states <= _state_bytes(2 * layer_numel) * 1.02
+    assert 0 < grass.optimizer_states <= 2 * 8 * layer_numel * 1.02
     assert grass.gradients <= 2 * grass.trainable_params * 1.02
-    # LISA keeps the states of the layers, embeddings and head resident
+    # LISA also trains the embeddings and head (their states staged in chunks too)
     assert lisa.trainable_params > grass.trainable_params
-    assert lisa.optimizer_states > grass.optimizer_states
     # LoRA: frozen bf16 base + bf16 adapters; only the adapters have states
     assert lora.weights > fft.weights
     assert lora.optimizer_states == pytest.approx(_state_bytes(lora.trainable_params), rel=0.05)
@@ -144,10 +183,45 @@ def test_worst_case_layer_pair_is_the_default(tiny):
     assert high.peak < low.peak
 
 
+def test_lisa_keeps_its_offload_and_precision_settings(tiny):
+    """method=lisa used to drop grass.offload / overlap / fp32 flags: the registry keeps them."""
+    on = M.estimate_memory(tiny, "lisa", batch_size=1, seq_len=16)
+    off = M.estimate_memory(
+        tiny,
+        "lisa",
+        batch_size=1,
+        seq_len=16,
+        overrides={"grass.offload": False, "grass.update_rounding": "nearest"},
+    )
+    assert on.extra["offload"] and on.extra["precision"] == "master"
+    assert not off.extra["offload"] and off.extra["precision"] == "nearest"
+    # in memory: bf16 exp_avg + exp_avg_sq of the 2 layers, embeddings, final norm and head (512 B blocks)
+    assert off.optimizer_states == pytest.approx(_state_bytes(off.trainable_params), rel=0.05)
+    # offloaded: two device slots of one staged unit (bf16 moments + fp32 master: 8 B per parameter)
+    layer = 4 * 64 * 64 // 2 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64 + 4 * 64 * 0  # q,o + k,v + MLP + norms
+    assert on.optimizer_states == pytest.approx(2 * 8 * max(layer, 256 * 64), rel=0.02)
+
+
+def test_frozen_checkpointing_and_chunked_loss_save_memory(tiny):
+    big_vocab = LlamaConfig(**{**TINY, "vocab_size": 4096})
+    kw = dict(batch_size=1, seq_len=64)
+    base = M.estimate_memory(big_vocab, "grass", **kw)
+    model_loss = M.estimate_memory(big_vocab, "grass", chunked_loss=False, **kw)
+    assert base.peak < model_loss.peak  # no (B, T, V) fp32 logits, log-softmax or their gradient
+    kw = dict(batch_size=1, seq_len=256, overrides={"grass.offload": False})  # activations dominate
+    plain = M.estimate_memory(tiny, "grass", **kw)
+    frozen = M.estimate_memory(tiny, "grass", activation_checkpointing="frozen", **kw)
+    full = M.estimate_memory(tiny, "grass", activation_checkpointing="full", **kw)
+    assert full.activations < frozen.activations < plain.activations  # layers 2, 3 frozen; 0, 1 trained
+
+
 @pytest.mark.slow
 def test_adapter_dtype_fp32_uses_more(tiny):
-    bf16 = M.estimate_memory(tiny, "lora", rank=8, batch_size=1, seq_len=16)
-    fp32 = M.estimate_memory(tiny, "lora", rank=8, batch_size=1, seq_len=16, adapter_dtype="fp32")
+    # foreach: the step counters stay on the host (the fused kernel keeps one 512-byte block per parameter
+    # on the device, the same for both dtypes)
+    kw = dict(rank=8, batch_size=1, seq_len=16, optimizer_impl="foreach")
+    bf16 = M.estimate_memory(tiny, "lora", **kw)
+    fp32 = M.estimate_memory(tiny, "lora", **kw, overrides={"lora.dtype": "fp32"})
     assert fp32.optimizer_states == pytest.approx(2 * bf16.optimizer_states, rel=0.05)
 
 
@@ -171,12 +245,18 @@ def _memory_cli(argv):
 def test_cli_table_and_json(tiny_json, tmp_path, capsys):
     out = tmp_path / "mem.json"
     argv = ["--model", str(tiny_json), "--method", "grass,fft", "--seq-len", "32", "--json", str(out)]
-    assert _memory_cli(argv) == 0
+    assert _memory_cli([*argv, "grass.fp32_master_weights=false"]) == 0
     text = capsys.readouterr().out
-    assert "GRASS γ=2" in text and "FFT" in text
+    assert "GRASS γ=2" in text and "GRASS γ=2, probing" in text and "FFT" in text
     rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == ["grass", "fft"]
-    assert rows[0]["peak"] < rows[1]["peak"]
+    assert [(r["method"], r["phase"]) for r in rows] == [
+        ("grass", "train"),
+        ("grass", "probe"),
+        ("fft", "train"),
+    ]
+    assert rows[1]["optimizer_states"] == 0 and rows[1]["peak"] > 0
+    assert rows[0]["settings"] == {"grass.fp32_master_weights": False}
+    assert rows[0]["extra"]["precision"] == "kahan"
 
 
 @pytest.mark.skipif(
@@ -201,7 +281,7 @@ def test_grass_llm_memory_entry_point(tiny_json, tmp_path, capsys):
         "--json",
         str(out),
     ]
-    assert main(argv) == 0
+    assert main([*argv, "--phase", "train"]) == 0
     assert "FFT" in capsys.readouterr().out
     assert len(json.loads(out.read_text())) == 2
 
@@ -213,6 +293,8 @@ def test_cli_bad_inputs(tmp_path, tiny_json, capsys):
     assert _memory_cli(["--model", str(tiny_json), "--method", "qlora"]) == 2
     err = capsys.readouterr().err
     assert "qlora" in err and "grass" in err
+    assert _memory_cli(["--model", str(tiny_json), "grass.no_such_key=1"]) == 2
+    assert "grass.no_such_key" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert _memory_cli(["--model", str(tiny_json), "--measure"]) == 2
         assert "CUDA" in capsys.readouterr().err
@@ -226,6 +308,7 @@ def test_cli_bad_inputs(tmp_path, tiny_json, capsys):
         ({"seq_len": -1}, "seq_len"),
         ({"dtype": "int8"}, "dtype"),
         ({"optimizer_impl": "adafactor"}, "optimizer_impl"),
+        ({"activation_checkpointing": "some"}, "activation_checkpointing"),
         ({"active_layers": 2, "active_layer_ids": [0, 0]}, "active_layer_ids"),
         ({"active_layers": 2, "active_layer_ids": [3, 4]}, "active_layer_ids"),
         ({"method": "lora", "rank": 0}, "rank"),
@@ -263,11 +346,13 @@ def test_measure_without_cuda_errors(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["fft", "grass", "lora"])
-def test_estimate_matches_cuda_max_memory_allocated(method):
+@pytest.mark.parametrize("method", ["fft", "grass", "lisa", "lora"])
+@pytest.mark.parametrize("checkpointing", ["none", "frozen"])
+def test_estimate_matches_cuda_max_memory_allocated(method, checkpointing):
     cfg = LlamaConfig(**{**TINY, "hidden_size": 512, "intermediate_size": 1024, "vocab_size": 4096})
-    est = M.estimate_memory(cfg, method, rank=8, seq_len=256)
-    measured = M.measure_cuda_step(cfg, method, rank=8, seq_len=256)
+    kw = dict(rank=8, seq_len=256, activation_checkpointing=checkpointing)
+    est = M.estimate_memory(cfg, method, **kw)
+    measured = M.measure_cuda_step(cfg, method, **kw)
     assert abs(est.peak - measured) <= 0.1 * measured, (est.peak, measured)
 
 
@@ -286,3 +371,39 @@ def test_7b_config_estimates_in_under_a_minute():
     est = M.estimate_memory(cfg, "grass", seq_len=1024)
     assert time.time() - t0 < 60
     assert 12 * 2**30 < est.peak < 25 * 2**30
+
+
+def test_each_layer_wise_method_keeps_its_own_gamma(tiny):
+    badam = M.estimate_memory(tiny, "badam", batch_size=1, seq_len=16)
+    assert badam.active_layers == 1 and badam.active_layer_ids == [0] and badam.label == "BAdam γ=1"
+    assert M.estimate_memory(
+        tiny, "grass-static", batch_size=1, seq_len=16, active_layers=3
+    ).active_layer_ids == [
+        0,
+        1,
+        2,
+    ]
+
+
+def test_fsdp2_estimate_holds_a_share_per_rank(tiny):
+    """world_size=N: one rank of an FSDP2 run (fake process group): 1/N of the weights and of the
+    optimizer states, plus FSDP2's all-gathered blocks; GRASS's host-side states stay out of the count."""
+    for method in ("grass", "fft"):
+        one = M.estimate_memory(tiny, method, seq_len=32)
+        four = M.estimate_memory(tiny, method, seq_len=32, world_size=4)
+        assert four.world_size == 4 and "FSDP2 x4" in four.label
+        assert four.weights == pytest.approx(one.weights / 4, rel=0.05), method
+        assert four.optimizer_states == pytest.approx(one.optimizer_states / 4, rel=0.15), method
+    with pytest.raises(M.MemoryEstimateError, match="fake=True"):
+        M.estimate_memory(tiny, "grass", world_size=2, fake=False)
+
+
+def test_probing_estimate(tiny):
+    """phase=probe: backward through every layer, each gradient freed as its norm is read; no update."""
+    probe = M.estimate_memory(tiny, "grass", seq_len=32, phase="probe")
+    assert probe.label == "GRASS γ=2, probing" and probe.optimizer_states == 0
+    # every block's gradients are made, but each is freed once its norm is read: at most a couple alive
+    largest = max(p * q for p, q in ((TINY["hidden_size"], TINY["intermediate_size"]),)) * 2  # bf16 bytes
+    assert probe.gradients <= 2 * largest + 1024
+    with pytest.raises(M.MemoryEstimateError, match="method=lisa does not probe"):
+        M.estimate_memory(tiny, "lisa", phase="probe")

@@ -7,6 +7,7 @@ copies); the ``gpu`` tests check pinning, the copy stream and the event ordering
 from __future__ import annotations
 
 import io
+import itertools
 import time
 
 import pytest
@@ -138,9 +139,9 @@ def test_lazy_allocation_and_layout():
     assert off.host_bytes() == 0 and off.device_bytes() == 0
     assert off.units() == (0, 1, 2, 3) and len(off) == 4
     state = off.acquire(1)
-    assert set(state) == set(STATE_KEYS)
+    assert set(state) == {"exp_avg", "exp_avg_sq", "master"}
     assert off.host_bytes() == off.unit_nbytes(1)
-    for key in STATE_KEYS:
+    for key in ("exp_avg", "exp_avg_sq", "master"):
         assert [t.shape for t in state[key]] == [p.shape for p in units[1]]
         assert all(t.dtype == torch.float32 for t in state[key])
     assert all(t.device.type == "cpu" for ts in state.values() for t in ts)
@@ -415,7 +416,11 @@ def test_protocol_errors():
     with pytest.raises(ValueError, match="pin_memory"):
         LayerStateOffloader("cpu", pin_memory="yes")
     with pytest.raises(ValueError, match="unsupported device"):
-        LayerStateOffloader("meta")
+        LayerStateOffloader("mps")
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        LayerStateOffloader("cpu", chunk_bytes=8)
+    with pytest.raises(IndexError, match="chunks"):
+        off.acquire(2, chunk=1)
 
 
 def test_free_device_buffers_then_continue():
@@ -446,6 +451,132 @@ def test_cpu_device_never_pins_or_streams():
 def test_cuda_device_without_cuda_raises():
     with pytest.raises(ValueError, match="CUDA is not available"):
         LayerStateOffloader("cuda")
+
+
+# ---------------------------------------------------------------------------- chunks
+CHUNK = 1024  # bytes: splits most SHAPES parameters into several pieces
+
+
+def _piece(t, i, a, b, params):
+    p = params[i]
+    return t if (a, b) == (0, p.numel()) else t.reshape(-1)[a:b]
+
+
+def adamw_pieces(params, grads, state, step, fp32_master):
+    """AdamW step number ``step`` on tensors (whole parameters or pieces), each with its own step count."""
+    target = state["master"] if fp32_master else params
+    adam(
+        target,
+        [g.to(t.dtype) for g, t in zip(grads, target)],
+        state["exp_avg"],
+        state["exp_avg_sq"],
+        [],
+        [torch.tensor(step - 1.0) for _ in target],
+        foreach=False,
+        amsgrad=False,
+        beta1=0.9,
+        beta2=0.95,
+        lr=1e-2,
+        weight_decay=0.1,
+        eps=1e-8,
+        maximize=False,
+        decoupled_weight_decay=True,
+    )
+    if fp32_master:
+        for p, m in zip(params, target):
+            p.copy_(m)
+
+
+def run_chunked(off, units, steps, sched, fp32_master, device, start=0):
+    """Like run_offloaded, chunk by chunk: prefetch the next chunk (or the next unit's first one)."""
+    order = [(u, c) for step_units in sched for u in step_units for c in range(off.num_chunks(u))]
+    pos = 0
+    if order:
+        off.prefetch(*order[0])
+    for i, active in enumerate(sched, start=start):
+        grads = grads_for(units, i, device)
+        for uid in active:
+            step = steps[uid].add_(1).item()
+            for c in range(off.num_chunks(uid)):
+                state = off.acquire(uid, c)
+                assert off.device_bytes() <= 2 * CHUNK
+                if pos + 1 < len(order):
+                    off.prefetch(*order[pos + 1])
+                pieces = off.chunk_pieces(uid, c)
+                params = [_piece(units[uid][i], i, a, b, units[uid]) for i, a, b in pieces]
+                gs = [_piece(grads[uid][i], i, a, b, units[uid]) for i, a, b in pieces]
+                adamw_pieces(params, gs, state, step, fp32_master)
+                off.release(uid, c)
+                pos += 1
+
+
+@pytest.mark.parametrize(("dtype", "fp32_states", "fp32_master"), CONFIGS)
+def test_chunked_staging_matches_in_memory_adamw_and_bounds_the_slots(dtype, fp32_states, fp32_master):
+    sched = schedule(12, len(SHAPES), seed=7)
+    ref_units, off_units = make_units(dtype), make_units(dtype)
+    ref_states = [fresh_state(u, fp32_states, fp32_master) for u in ref_units]
+    ref_steps = [torch.tensor(0.0) for _ in SHAPES]
+    off_steps = [torch.tensor(0.0) for _ in SHAPES]
+    off = build(off_units, "cpu", fp32_states, fp32_master, chunk_bytes=CHUNK)
+    assert max(off.num_chunks(u) for u in off.units()) > 1
+    for uid, params in enumerate(off_units):  # the pieces cover every element exactly once
+        covered = {i: [] for i in range(len(params))}
+        for c in range(off.num_chunks(uid)):
+            assert off.chunk_nbytes(uid, c) <= CHUNK
+            for i, a, b in off.chunk_pieces(uid, c):
+                covered[i].append((a, b))
+        for i, ranges in covered.items():
+            ranges.sort()
+            assert ranges[0][0] == 0 and ranges[-1][1] == params[i].numel()
+            assert all(r[1] == q[0] for r, q in itertools.pairwise(ranges))
+    for i, active in enumerate(sched):
+        grads = grads_for(ref_units, i, "cpu")
+        for uid in active:
+            step = ref_steps[uid].add_(1).item()
+            adamw_pieces(ref_units[uid], grads[uid], ref_states[uid], step, fp32_master)
+    run_chunked(off, off_units, off_steps, sched, fp32_master, "cpu")
+    for got_u, want_u in zip(off_units, ref_units):
+        for got, want in zip(got_u, want_u):
+            assert_bitwise(got, want)
+    stored = off.state_dict()["units"]
+    for uid in stored:  # checkpoints hold whole tensors in the parameters' shapes
+        for key, ts in stored[uid].items():
+            for got, want in zip(ts, ref_states[uid][key]):
+                assert_bitwise(got, want)
+    # a chunked checkpoint loads into an unchunked offloader (the format does not depend on chunking)
+    plain = build([[p.clone() for p in u] for u in off_units], "cpu", fp32_states, fp32_master)
+    plain.load_state_dict(off.state_dict())
+    for uid in stored:
+        for key, ts in plain.state_dict()["units"][uid].items():
+            for got, want in zip(ts, stored[uid][key]):
+                assert_bitwise(got, want)
+
+
+def test_compensation_state_starts_at_zero_in_the_weight_dtype():
+    units = make_units(torch.bfloat16)
+    off = build(units, "cpu", fp32_states=False, fp32_master=False)
+    off.register("kahan", units[0], compensation=True)
+    state = off.acquire("kahan")
+    assert set(state) == set(STATE_KEYS) - {"master"}
+    assert all(t.dtype == torch.bfloat16 and not t.any() for t in state["compensation"])
+    off.release("kahan")
+
+
+def test_meta_device_keeps_host_buffers_on_the_cpu():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        params = [torch.empty(64, 64, device="meta", dtype=torch.bfloat16)]
+        off = LayerStateOffloader("meta", chunk_bytes=4096)
+        off.register(0, params, fp32_master=True)
+        for c in range(off.num_chunks(0)):
+            state = off.acquire(0, c)
+            assert all(t.device.type == "meta" for ts in state.values() for t in ts)
+            off.release(0, c)
+        assert off.copy_stream is None
+        assert all(b.device.type == "meta" for b in off.device_buffers())
+        assert off.state_dict()["units"][0]["master"][0].device.type == "cpu"
+        assert off.device_bytes() <= 2 * 4096 < off.host_bytes()
 
 
 # ---------------------------------------------------------------------------- GPU tests
@@ -489,6 +620,31 @@ def test_gpu_switching_loop_matches_in_memory_adamw(dtype, fp32_states, fp32_mas
         for got, want in zip(off_units[uid], ref_units[uid]):
             assert_bitwise(got, want)
     for uid, state in sd.items():
+        for key, ts in state.items():
+            for got, want in zip(ts, ref_states[uid][key]):
+                assert_bitwise(got, want.cpu())
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize(("dtype", "fp32_states", "fp32_master"), CONFIGS)
+def test_gpu_chunked_staging_matches_in_memory_adamw(dtype, fp32_states, fp32_master, overlap):
+    sched = schedule(12, len(SHAPES), seed=7)
+    ref_units, off_units = make_units(dtype, "cuda"), make_units(dtype, "cuda")
+    ref_states = [fresh_state(u, fp32_states, fp32_master) for u in ref_units]
+    ref_steps = [torch.tensor(0.0) for _ in SHAPES]
+    off = build(off_units, "cuda", fp32_states, fp32_master, overlap=overlap, chunk_bytes=CHUNK)
+    for i, active in enumerate(sched):
+        grads = grads_for(ref_units, i, "cuda")
+        for uid in active:
+            step = ref_steps[uid].add_(1).item()
+            adamw_pieces(ref_units[uid], grads[uid], ref_states[uid], step, fp32_master)
+    run_chunked(off, off_units, [torch.tensor(0.0) for _ in SHAPES], sched, fp32_master, "cuda")
+    for got_u, want_u in zip(off_units, ref_units):
+        for got, want in zip(got_u, want_u):
+            assert_bitwise(got, want)
+    for uid, state in off.state_dict()["units"].items():
         for key, ts in state.items():
             for got, want in zip(ts, ref_states[uid][key]):
                 assert_bitwise(got, want.cpu())

@@ -42,14 +42,29 @@ def assert_models_equal(a, b, rtol=0.0, atol=0.0):
         assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
 
 
-def test_all_layers_active_equals_adamw():
+@pytest.mark.parametrize("decay_bias_and_norm", [False, True])
+def test_all_layers_active_equals_adamw(decay_bias_and_norm):
+    """Every layer active: GRASS equals torch.optim.AdamW bit for bit. Weight decay skips biases and
+    norm weights by the transformers Trainer's own rule unless decay_bias_and_norm=True."""
+    from transformers import Trainer
+
     model = make_tiny_llama(num_layers=3)
     ref = copy.deepcopy(model)
     cfg = GrassConfig(
         active_layers=3, period=2, probe_steps=0, train_embeddings=True, train_head=True, train_norm=True
     )
-    opt = GrassOptimizer(model, cfg, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    opt = GrassOptimizer(model, cfg, decay_bias_and_norm=decay_bias_and_norm, **kw)
+    if decay_bias_and_norm:
+        ref_opt = torch.optim.AdamW(ref.parameters(), **kw)
+    else:
+        decay = set(Trainer.get_decay_parameter_names(None, ref))
+        assert decay and len(decay) < len(list(ref.parameters()))
+        groups = [
+            {"params": [p for n, p in ref.named_parameters() if n in decay]},
+            {"params": [p for n, p in ref.named_parameters() if n not in decay], "weight_decay": 0.0},
+        ]
+        ref_opt = torch.optim.AdamW(groups, **kw)
     for x in batches(6):
         for m, o in ((model, opt), (ref, ref_opt)):
             m(input_ids=x, labels=x).loss.backward()

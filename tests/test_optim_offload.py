@@ -37,11 +37,22 @@ def _run(offload, steps=20, dtype=torch.float32, split=None, load_offload=None, 
     "precision",
     [
         dict(),
-        dict(dtype=torch.bfloat16),
-        dict(dtype=torch.bfloat16, fp32_optimizer_states=True),
+        dict(dtype=torch.bfloat16, fp32_master_weights=False, update_rounding="nearest"),
+        dict(dtype=torch.bfloat16, fp32_master_weights=False, update_rounding="kahan"),
+        dict(dtype=torch.bfloat16, fp32_master_weights=False, update_rounding="stochastic"),
+        dict(dtype=torch.bfloat16, fp32_master_weights=True),
+        dict(dtype=torch.bfloat16, fp32_optimizer_states=True, fp32_master_weights=False),
         dict(dtype=torch.bfloat16, fp32_optimizer_states=True, fp32_master_weights=True),
     ],
-    ids=["fp32", "bf16", "bf16+fp32-states", "bf16+fp32-master"],
+    ids=[
+        "fp32",
+        "bf16-nearest",
+        "bf16-kahan",
+        "bf16-stochastic",
+        "bf16+fp32-master",
+        "bf16+fp32-states",
+        "bf16+fp32-states+master",
+    ],
 )
 def test_offload_equals_in_memory_bit_for_bit(precision):
     m_mem, o_mem, log_mem = _run(False, **precision)
@@ -92,3 +103,60 @@ def test_reset_with_offload_matches_in_memory():
     m_off, _, log_off = _run(True, steps=16, on_reactivation="reset", active_layers=1, period=2)
     assert log_mem == log_off
     assert_models_equal(m_mem, m_off)
+
+
+def test_frozen_embeddings_and_head_take_no_device_slot_whatever_the_vocabulary():
+    """Only units that can train are registered: two decoder layers' states at most, for any vocabulary."""
+    device_bytes = {}
+    for vocab in (64, 4096):
+        model = make_tiny_llama(num_layers=4, vocab=vocab).to(torch.bfloat16)
+        opt = GrassOptimizer(
+            model, GrassConfig(active_layers=2, period=2, probe_steps=0, offload=True), lr=1e-3
+        )
+        train(model, opt, batches(5))
+        off = opt.offloader
+        assert set(off.units()) == {f"layer.{i}" for i in range(4)}
+        layer = max(off.unit_nbytes(u) for u in off.units())
+        assert 0 < off.device_bytes() <= 2 * layer
+        device_bytes[vocab] = off.device_bytes()
+    assert device_bytes[64] == device_bytes[4096]
+
+
+def test_trained_embeddings_and_head_are_staged_in_chunks(monkeypatch):
+    """LISA-style: a 4096 x 16 embedding and head, staged in 2 KiB chunks, same numbers as in memory."""
+    import grass_llm.optim as optim
+
+    monkeypatch.setattr(optim, "OFFLOAD_CHUNK_BYTES", 2048)
+    cfg = dict(
+        active_layers=2,
+        period=2,
+        probe_steps=0,
+        train_embeddings=True,
+        train_head=True,
+        fp32_master_weights=True,
+    )
+    models, opts = [], []
+    for offload in (False, True):
+        model = make_tiny_llama(num_layers=4, vocab=4096).to(torch.bfloat16)
+        opt = GrassOptimizer(model, GrassConfig(offload=offload, **cfg), lr=1e-3, weight_decay=0.01)
+        train(model, opt, batches(6))
+        models.append(model)
+        opts.append(opt)
+    off = opts[1].offloader
+    assert off.num_chunks("embeddings") > 10 and off.num_chunks("head") > 10
+    assert 0 < off.device_bytes() <= 2 * 2048
+    assert_models_equal(*models)
+    for (idx, st), st_off in zip(
+        opts[0].state_dict()["state"].items(), opts[1].state_dict()["state"].values()
+    ):
+        for key, value in st.items():
+            assert torch.equal(value, st_off[key]), (idx, key)
+
+
+def test_state_dict_leaves_the_offloaded_state_where_it_lives():
+    """state_dict() copies the offloaded moments into its result only: the optimizer's own per-parameter
+    state keeps just the step counter (the moments stay in the offloader's host buffers, once)."""
+    _, opt, _ = _run(True, steps=6)
+    sd = opt.state_dict()
+    assert any("exp_avg" in st for st in sd["state"].values())
+    assert all(set(st) == {"step"} for st in opt.state.values())

@@ -109,9 +109,13 @@ def test_readme_command_line_block_runs(tmp_path):
     proc = _cli([*args, "--seq-len", "64", "--json", str(tmp_path / "mem.json")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     estimates = json.loads((tmp_path / "mem.json").read_text())
-    assert [e["method"] for e in estimates] == ["grass", "lora", "fft"] and all(
-        e["peak"] > 0 for e in estimates
-    )
+    # the training step of each method, and GRASS's probing step (--phase both, the default)
+    assert [(e["method"], e["phase"]) for e in estimates] == [
+        ("grass", "train"),
+        ("grass", "probe"),
+        ("lora", "train"),
+        ("fft", "train"),
+    ] and all(e["peak"] > 0 for e in estimates)
     # 6: plots of the run
     proc = _cli([cmds[5][1], "runs/demo"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

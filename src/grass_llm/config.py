@@ -19,6 +19,7 @@ from grass_llm.sampling import POLICIES
 __all__ = ["ConfigError", "GrassConfig"]
 
 _REACTIVATION = ("keep", "reset")
+_ROUNDING = ("kahan", "stochastic", "nearest")
 
 
 class ConfigError(ValueError):
@@ -119,11 +120,24 @@ class GrassConfig:
             "fp32). Default False: moments in the weights' dtype, the paper's pure-bf16 setting."
         },
     )
-    fp32_master_weights: bool = field(
-        default=False,
+    fp32_master_weights: bool | str = field(
+        default="auto",
         metadata={
-            "help": "Keep an fp32 master copy of every trained weight in the optimizer state (host memory "
-            "with offload) and copy it into the low-precision weight after each update."
+            "help": "Keep an fp32 master copy of every trained bf16/fp16 weight in the optimizer state and "
+            "copy it into the weight after each update, so no update is lost to rounding. auto: on when "
+            "offload is on (the masters then live in host memory and cost no device memory), else "
+            "update_rounding applies; True: always (on the device without offload); False: never."
+        },
+    )
+    update_rounding: str = field(
+        default="kahan",
+        metadata={
+            "help": "How an update is written into a bf16/fp16 weight that has no fp32 master. kahan: a "
+            "compensation buffer in the weight's dtype (2 bytes per trained parameter, in the optimizer "
+            "state) carries each rounding error into the next update; stochastic: stochastic rounding "
+            "(bf16 only, no extra memory; counter-based random bits, reproducible); nearest: round to "
+            "nearest, so an update below half a bf16 step is lost (the paper's pure-bf16 setting). fp32 "
+            "weights are always updated exactly. benchmarks/bf16_updates.py measures the three."
         },
     )
     step_in_backward: bool = field(
@@ -181,13 +195,20 @@ class GrassConfig:
             )
         if not (self.offload == "auto" or isinstance(self.offload, bool)):
             raise ConfigError(f"offload={self.offload!r} is invalid; allowed: 'auto', True, False")
+        if not (self.fp32_master_weights == "auto" or isinstance(self.fp32_master_weights, bool)):
+            raise ConfigError(
+                f"fp32_master_weights={self.fp32_master_weights!r} is invalid; allowed: 'auto', True, False"
+            )
+        if self.update_rounding not in _ROUNDING:
+            raise ConfigError(
+                f"update_rounding={self.update_rounding!r} is unknown; allowed: {', '.join(_ROUNDING)}"
+            )
         for name in (
             "train_embeddings",
             "train_head",
             "train_norm",
             "overlap",
             "fp32_optimizer_states",
-            "fp32_master_weights",
             "step_in_backward",
         ):
             if not isinstance(getattr(self, name), bool):

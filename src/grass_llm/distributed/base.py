@@ -5,8 +5,12 @@ Its *units* are its param groups in order (decoder layer ``i`` is unit ``i``, th
 ``norm``, ``head``), each given as the list of its trainable parameters. The calls, in the order
 the optimizer makes them:
 
-``attach(units)``
-    once, at construction, before anything else (install gradient hooks here).
+``attach(units, on_reduced)``
+    once, at construction, before the optimizer installs its own gradient hooks (so the backend's
+    hooks run first). ``on_reduced(unit_ids)``: call it whenever the gradients of these units have
+    become the global batch's (after an all-reduce), so that the optimizer reads their norms before
+    anyone (a Trainer, a user) clips them. Backends whose ``gradients_final_in_hooks`` is true never
+    call it: the optimizer reads the gradients in its own hooks.
 ``set_trained(unit_ids)``
     whenever the set of trained units changes; empty while probing.
 ``no_sync()``
@@ -18,12 +22,20 @@ the optimizer makes them:
     the part of a parameter or gradient this rank holds (sharded backends: the local shard).
 ``reduce_sumsq_(sumsq)``
     in place: per-layer squared gradient norms as seen by this rank -> the global ones (for eq. 2).
+``reduce_probe_unit(unit_id, grads, on_sumsq)`` / ``finish_probe_reductions()``
+    probing, backends with ``probe_needs_whole_units``: ``grads`` is this rank's accumulated gradient
+    of a whole decoder layer (which the optimizer frees right after); the backend makes it the
+    global batch's and calls ``on_sumsq(unit_id, squared norm)``, possibly later, at the latest in
+    ``finish_probe_reductions()``.
 ``broadcast_layers(layers)``
     a draw -> the draw every rank uses.
 ``owns(unit_id)``
     whether this rank keeps the unit's optimizer state and steps it (ZeRO-1 style sharding).
 ``broadcast_updates(unit_ids)``
     after the owners stepped: every rank receives the new weights.
+``export_state(value, param)`` / ``import_state(value, param)``
+    an optimizer state of ``param`` as this rank keeps it -> as it is saved (sharded backends: a
+    ``DTensor``), and any saved form -> as this rank keeps it.
 ``consolidate_state_dict(sd)``
     the optimizer's state dict -> one that is complete and independent of the world size
     (may be a collective: call ``state_dict()`` on every rank).
@@ -38,7 +50,7 @@ torch.distributed data parallelism; ``fsdp2.py`` for FSDP2-sharded models), and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -52,8 +64,16 @@ class DataParallelBackend:
 
     rank: int = 0
     world_size: int = 1
+    #: the gradients a parameter's post-accumulate-grad hook sees are the global ones (one process)
+    gradients_final_in_hooks: bool = True
+    #: probing hands whole layers' local gradients to ``reduce_probe_unit`` (else per-parameter norms)
+    probe_needs_whole_units: bool = False
+    #: a GradScaler's per-rank overflow check agrees on every rank
+    supports_grad_scaler: bool = True
 
-    def attach(self, units: Sequence[Sequence[nn.Parameter]]) -> None:
+    def attach(
+        self, units: Sequence[Sequence[nn.Parameter]], on_reduced: Callable[[list[int]], None] | None = None
+    ) -> None:
         """Called once by the optimizer with its units' trainable parameters."""
 
     def set_trained(self, unit_ids: Collection[int]) -> None:
@@ -74,6 +94,17 @@ class DataParallelBackend:
     def reduce_sumsq_(self, sumsq: torch.Tensor) -> None:
         """Per-layer squared gradient norms seen by this rank -> the global ones, in place."""
 
+    def reduce_probe_unit(
+        self, unit_id: int, grads: Sequence[torch.Tensor], on_sumsq: Callable[[int, torch.Tensor], None]
+    ) -> None:
+        """Probing: the squared norm of the global gradient of a whole unit, given this rank's."""
+        on_sumsq(
+            unit_id, sum(torch.linalg.vector_norm(g, dtype=torch.float32).double().square() for g in grads)
+        )
+
+    def finish_probe_reductions(self) -> None:
+        """Deliver every pending ``reduce_probe_unit`` result."""
+
     def broadcast_layers(self, layers: Sequence[int]) -> list[int]:
         """The layers every rank trains."""
         return list(layers)
@@ -84,6 +115,14 @@ class DataParallelBackend:
 
     def broadcast_updates(self, unit_ids: Sequence[int]) -> None:
         """After the owners stepped these units: every rank holds their new weights."""
+
+    def export_state(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """An optimizer state of ``param`` as kept -> as saved."""
+        return value
+
+    def import_state(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """A saved optimizer state of ``param`` -> as this rank keeps it."""
+        return value
 
     def consolidate_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
         """The optimizer's state dict, complete and independent of the world size."""
@@ -107,9 +146,10 @@ def _is_ddp(model: nn.Module) -> bool:
 def resolve_backend(distributed: Any, model: nn.Module) -> DataParallelBackend:
     """The ``distributed`` argument of ``GrassOptimizer`` -> a backend.
 
-    ``"auto"``: the replicated backend when ``torch.distributed`` is initialised with more than one
-    rank, else :class:`LocalBackend`. ``True``: the replicated backend (the process group must be
-    initialised). ``None``/``False``: :class:`LocalBackend`. A :class:`DataParallelBackend`: used.
+    ``"auto"``: ``FSDP2Backend`` for a model sharded with ``fully_shard``; else the replicated backend
+    when ``torch.distributed`` is initialised with more than one rank; else :class:`LocalBackend`.
+    ``True``: the same, but a process group must be initialised. ``None``/``False``: :class:`LocalBackend`
+    (not for an FSDP2 model). A :class:`DataParallelBackend`: used.
     """
     if _is_ddp(model):
         raise TypeError(
@@ -119,14 +159,27 @@ def resolve_backend(distributed: Any, model: nn.Module) -> DataParallelBackend:
         )
     if isinstance(distributed, DataParallelBackend):
         return distributed
-    if distributed is None or distributed is False:
-        return LocalBackend()
     import torch.distributed as dist
 
     initialized = dist.is_available() and dist.is_initialized()
+    fsdp2 = False
+    if initialized:
+        from grass_llm.distributed.fsdp2 import is_fsdp2_model
+
+        fsdp2 = is_fsdp2_model(model)
+    if distributed is None or distributed is False:
+        if fsdp2:
+            raise ValueError(
+                "the model is sharded with FSDP2 (fully_shard); allowed: distributed='auto' or True"
+            )
+        return LocalBackend()
     if distributed is True or distributed == "auto":
         if distributed is True and not initialized:
             raise RuntimeError("distributed=True needs torch.distributed.init_process_group() first")
+        if fsdp2:
+            from grass_llm.distributed.fsdp2 import FSDP2Backend
+
+            return FSDP2Backend(model)
         if initialized and (distributed is True or dist.get_world_size() > 1):
             from grass_llm.distributed.replicated import ReplicatedBackend
 

@@ -13,8 +13,10 @@ What each rank does, and the invariant that keeps the ranks identical:
 
 * **Sampling.** The sampler's seeded generator advances on every rank; the draw of rank 0 is
   broadcast and used everywhere (``broadcast_layers``). The MGN it samples from is the same on every
-  rank: in training it is read from all-reduced gradients; during probing the per-step squared norms
-  are averaged over ranks (``reduce_sumsq_``, see "Probing estimator" in docs/distributed.md).
+  rank and exact (eq. 2 of the global batch's gradient): in training it is read from the all-reduced
+  gradients; during probing each layer's accumulated local gradient is all-reduced as soon as the
+  layer's last gradient of the step exists (``reduce_probe_unit``; at most two layers in flight, the
+  device gradients already freed), and its norm is read from the result.
 * **Gradients (training).** A post-accumulate-grad hook on every parameter counts the gradients that
   are ready per unit (a decoder layer, ``embeddings``, ``norm``, ``head``). When the last trainable
   parameter of a unit has its gradient, the unit's gradients are flattened into one buffer (plus one
@@ -47,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,7 @@ class _Pending:
     work: Any
     flat: torch.Tensor  # (sum numel + len(params),): gradients / world, then presence flags / world
     params: list[nn.Parameter]
+    unit: int
 
 
 class ReplicatedBackend(DataParallelBackend):
@@ -91,7 +94,11 @@ class ReplicatedBackend(DataParallelBackend):
         self.shard_optimizer_states = bool(shard_optimizer_states)
         #: accelerate-style switch: ``False`` skips the gradient all-reduce (non-final micro-batches)
         self.sync_gradients = True
+        self.gradients_final_in_hooks = False  # they are final after the all-reduce
+        self.probe_needs_whole_units = True
+        self._probe_pending: list[tuple[int, Any, torch.Tensor, Callable]] = []
         self._params: list[list[nn.Parameter]] | None = None  # per unit, trainable parameters
+        self._on_reduced: Callable[[list[int]], None] | None = None
         self._trained: frozenset[int] = frozenset()
         self._hooks: list[Any] = []
         self._counts: dict[int, int] = {}  # unit -> gradients ready in this backward pass
@@ -118,13 +125,16 @@ class ReplicatedBackend(DataParallelBackend):
 
     # ------------------------------------------------------------------------------------------
     # wiring
-    def attach(self, units: Sequence[Sequence[nn.Parameter]]) -> None:
+    def attach(
+        self, units: Sequence[Sequence[nn.Parameter]], on_reduced: Callable[[list[int]], None] | None = None
+    ) -> None:
         """Install a gradient-ready hook on every trainable parameter (module docstring)."""
         if self._params is not None:
             raise RuntimeError(
                 "this ReplicatedBackend is already attached to an optimizer; create one per optimizer"
             )
         self._params = [list(ps) for ps in units]
+        self._on_reduced = on_reduced
         for j, params in enumerate(self._params):
             for p in params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(j)))
@@ -194,11 +204,13 @@ class ReplicatedBackend(DataParallelBackend):
             flat.div_(self.world_size)  # pre-divide, as DDP does (gloo has no AVG)
             work = dist.all_reduce(flat, group=self.group, async_op=True)
             # invariant: flat stays referenced in _pending until work.wait(), so its memory is not reused
-            self._pending.append(_Pending(work, flat, ps))
+            self._pending.append(_Pending(work, flat, ps, unit))
         self._launched.add(unit)
 
     def _complete(self) -> None:
-        """Wait for the in-flight all-reduces and write the mean gradients back into ``.grad``."""
+        """Wait for the in-flight all-reduces, write the mean gradients back into ``.grad`` and tell
+        the optimizer which units are final."""
+        units = sorted({item.unit for item in self._pending})
         for item in self._pending:
             item.work.wait()
             n = len(item.params)
@@ -212,6 +224,8 @@ class ReplicatedBackend(DataParallelBackend):
                 else:
                     p.grad.copy_(v.view_as(p))
         self._pending = []
+        if units and self._on_reduced is not None:
+            self._on_reduced(units)
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
@@ -239,14 +253,28 @@ class ReplicatedBackend(DataParallelBackend):
     # ------------------------------------------------------------------------------------------
     # MGN and sampling
     def reduce_sumsq_(self, sumsq: torch.Tensor) -> None:
-        """Training: the squared norms are read from all-reduced gradients, the same on every rank.
-        Probing: from this rank's own gradients, never reduced; their mean over ranks is the estimate
-        of the global squared norm (module docstring of ``docs/distributed.md``, "Probing estimator")."""
-        if self._trained or self.world_size == 1:
-            return
-        buf = sumsq.to(torch.float64)  # float64: equal values come back bit-identical
-        dist.all_reduce(buf, group=self.group)
-        sumsq.copy_(buf.div_(self.world_size))
+        """Nothing to do: training reads norms of all-reduced gradients, probing of all-reduced layers."""
+
+    def reduce_probe_unit(
+        self, unit_id: int, grads: Sequence[torch.Tensor], on_sumsq: Callable[[int, torch.Tensor], None]
+    ) -> None:
+        """Start the all-reduce (mean, fp32) of one layer's accumulated probing gradient; its squared
+        norm reaches ``on_sumsq`` when it completes. Invariant: every rank reduces the layers in the same
+        order with the same layout (missing gradients as zeros), as for training."""
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]).div_(self.world_size)
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self._probe_pending.append((unit_id, work, flat, on_sumsq))
+        while len(self._probe_pending) > 2:  # bounds the probing buffers on the device to 2 layers
+            self._finish_probe_one()
+
+    def _finish_probe_one(self) -> None:
+        unit_id, work, flat, on_sumsq = self._probe_pending.pop(0)
+        work.wait()
+        on_sumsq(unit_id, torch.linalg.vector_norm(flat).double().square())
+
+    def finish_probe_reductions(self) -> None:
+        while self._probe_pending:
+            self._finish_probe_one()
 
     def broadcast_layers(self, layers: Sequence[int]) -> list[int]:
         t = torch.tensor(list(layers), dtype=torch.int64, device=self._small_device())

@@ -4,32 +4,30 @@ Usage::
 
     from transformers import Trainer, TrainingArguments
     from grass_llm import GrassConfig
-    from grass_llm.integrations.hf import GrassCallback, create_grass_optimizer_and_scheduler
+    from grass_llm.integrations.hf import add_grass_callback, create_grass_optimizer_and_scheduler
 
-    args = TrainingArguments(..., max_steps=1000, warmup_steps=100, max_grad_norm=0)  # clip in GRASS
-    opt, sched = create_grass_optimizer_and_scheduler(
-        model, args, grass_config=GrassConfig(active_layers=2, period=25, max_grad_norm=1.0)
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, sched),
-                      callbacks=[GrassCallback()])
+    args = TrainingArguments(..., max_steps=1000, warmup_steps=100)
+    opt, sched = create_grass_optimizer_and_scheduler(model, args, grass_config=GrassConfig())
+    trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, sched))
+    add_grass_callback(trainer)
 
-``trl.SFTTrainer(..., optimizers=(opt, sched), callbacks=[GrassCallback()])`` works the same way.
+``trl.SFTTrainer(..., optimizers=(opt, sched))`` works the same way. Everything the Trainer does
+around the optimizer is supported: its gradient clipping (``max_grad_norm``; GRASS reads each
+gradient's norm before it is clipped), gradient accumulation (the probing MGN is computed on the
+accumulated gradient), fp16 with its GradScaler and bf16, ``resume_from_checkpoint`` (the optimizer
+and scheduler states load with ``weights_only=True``), and ``torchrun``: the Trainer wraps the model
+in DDP, whose gradient reduction GRASS switches off, as it all-reduces the active layers itself.
 
-Two things differ from a plain AdamW run:
-
-* Gradient clipping. The Trainer clips *before* ``optimizer.step()``, so GRASS would read the
-  importance (MGN) of clipped gradients. Set ``max_grad_norm=0`` in ``TrainingArguments`` and put
-  the limit in ``GrassConfig.max_grad_norm``, which clips inside ``step()`` after the MGN is read.
-  ``GrassCallback`` warns when the Trainer's clipping is on.
-* The LR schedule starts after probing: the ``probe_steps`` probing steps change no weight, so
-  warmup and decay are laid over the remaining ``num_training_steps - probe_steps`` steps.
+The LR schedule starts after probing: the ``probe_steps`` probing steps change no weight, so warmup
+and decay are laid over the remaining ``num_training_steps - probe_steps`` steps.
 
 ``GrassCallback`` adds scalars to the Trainer's ``logs`` at every logging step:
-``grass/num_active``, ``grass/probing``, and per decoder layer ``grass/active/layer_{i}`` (1 or 0),
-``grass/mgn/layer_{i}`` and ``grass/prob/layer_{i}``. Callbacks run in order and the reporting
-callbacks (``report_to``) are registered before the ones passed in ``callbacks=``; for every
-reporter to see the GRASS scalars add the callback with ``add_grass_callback(trainer)``, which puts
-it first. Either way they land in ``trainer.state.log_history``.
+``grass/num_active``, ``grass/probing``, ``grass/skipped_steps`` (steps skipped for non-finite
+gradients) and per decoder layer ``grass/active/layer_{i}`` (1 or 0), ``grass/mgn/layer_{i}`` and
+``grass/prob/layer_{i}``. Callbacks run in order and the reporting callbacks (``report_to``) are
+registered before the ones passed in ``callbacks=``; for every reporter to see the GRASS scalars add
+the callback with ``add_grass_callback(trainer)``, which puts it first. Either way they land in
+``trainer.state.log_history``.
 
 transformers is imported when this module is imported; ``grass_llm`` itself never imports it.
 """
@@ -61,12 +59,6 @@ __all__ = [
     "find_grass_optimizer",
     "grass_log_scalars",
 ]
-
-_CLIP_WARNING = (
-    "the Trainer clips gradients before optimizer.step() (TrainingArguments.max_grad_norm={value}), so "
-    "GRASS reads the importance (MGN) of clipped gradients; set max_grad_norm=0 in TrainingArguments and "
-    "GrassConfig.max_grad_norm instead, which clips after the MGN is read"
-)
 
 
 def create_grass_optimizer_and_scheduler(
@@ -124,9 +116,6 @@ def create_grass_optimizer_and_scheduler(
             f"num_training_steps is needed for the {sched_name!r} schedule: pass it, or set max_steps in "
             "TrainingArguments (optimizer steps = ceil(len(dataloader) / gradient_accumulation_steps) * epochs)"
         )
-    if args is not None and (getattr(args, "max_grad_norm", 0) or 0) > 0:
-        warnings.warn(_CLIP_WARNING.format(value=args.max_grad_norm), UserWarning, stacklevel=2)
-
     optimizer = GrassOptimizer(
         model, config=cfg, lr=lr, betas=tuple(betas), eps=eps, weight_decay=wd, layers=layers
     )
@@ -161,6 +150,7 @@ def grass_log_scalars(optimizer: GrassOptimizer, prefix: str = "grass") -> dict[
     out: dict[str, float] = {
         f"{prefix}/num_active": float(len(active)),
         f"{prefix}/probing": float(optimizer.probing),
+        f"{prefix}/skipped_steps": float(optimizer.skipped_steps),
     }
     for i in range(optimizer.num_layers):
         out[f"{prefix}/active/layer_{i}"] = 1.0 if i in active else 0.0
@@ -172,7 +162,7 @@ def grass_log_scalars(optimizer: GrassOptimizer, prefix: str = "grass") -> dict[
 
 
 class GrassCallback(TrainerCallback):
-    """Adds the GRASS state to the Trainer's logs and warns about Trainer-side gradient clipping.
+    """Adds the GRASS state to the Trainer's logs.
 
     Args:
         optimizer: the ``GrassOptimizer``; found in the Trainer's optimizer when omitted.
@@ -182,7 +172,6 @@ class GrassCallback(TrainerCallback):
     def __init__(self, optimizer: GrassOptimizer | None = None, prefix: str = "grass") -> None:
         self.optimizer = optimizer
         self.prefix = prefix
-        self._warned = False
 
     def _grass(self, kwargs: dict[str, Any]) -> GrassOptimizer | None:
         if self.optimizer is None:
@@ -190,9 +179,6 @@ class GrassCallback(TrainerCallback):
         return self.optimizer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if (getattr(args, "max_grad_norm", 0) or 0) > 0 and not self._warned:
-            self._warned = True
-            warnings.warn(_CLIP_WARNING.format(value=args.max_grad_norm), UserWarning, stacklevel=2)
         if self._grass(kwargs) is None:
             warnings.warn(
                 "GrassCallback: the Trainer's optimizer is not a GrassOptimizer; pass "

@@ -1,36 +1,32 @@
-"""Peak device memory of one training step, estimated without a GPU.
+"""Peak device memory of one training step, estimated without a GPU, by the code that trains.
 
-The model is built under :class:`torch._subclasses.fake_tensor.FakeTensorMode` (fake CPU tensors:
-shapes and dtypes, no data), two real training steps are run on it (forward, backward, optimizer
-step, zero_grad) and :class:`LiveBytesTracker`, a ``TorchDispatchMode``, counts the bytes of every
-live tensor storage. Each storage is rounded up to 512 bytes, the granularity of the CUDA caching
-allocator, so the peak is comparable with ``torch.cuda.max_memory_allocated`` (which, like this
-estimate, leaves out the CUDA context and the allocator's cached-but-free blocks).
+``estimate_memory`` builds the model under
+:class:`torch._subclasses.fake_tensor.FakeTensorMode` on the ``meta`` device (fake tensors: shapes
+and dtypes, no data), builds the method with ``grass_llm.recipes.methods.build_method`` from a
+``TrainConfig``, exactly as ``grass-llm train`` does on a CUDA device, and runs training steps
+(forward, the loss as ``grass-llm train`` computes it, backward, gradient clipping, the optimizer's
+``step()``, ``zero_grad``). There is no model of the optimizer: ``GrassOptimizer`` steps with its real
+``LayerStateOffloader`` (host buffers on the CPU, device slots on ``meta``), FFT and LoRA/DoRA with the
+``torch.optim.AdamW`` (and peft adapters) the registry builds. :class:`LiveBytesTracker`, a
+``TorchDispatchMode``, counts the bytes of every live tensor storage on the model's device (``meta``),
+so host-side buffers are left out by the same placement that keeps them in host memory on CUDA. Each
+storage is rounded up to 512 bytes, the granularity of the CUDA caching allocator, so the peak is
+comparable with ``torch.cuda.max_memory_allocated`` (which, like this estimate, leaves out the CUDA
+context and the allocator's cached-but-free blocks).
 
-What is modelled, per method (weights in ``dtype``, bf16 by default, as in the paper's pure-bf16
-baseline):
+The settings are ``grass-llm train``'s (``TrainConfig`` keys, ``overrides``) with the device taken to be
+CUDA: weights in ``dtype`` (bf16 by default), offload on (``grass.offload: auto``), hence fp32 master
+weights in host memory (``grass.fp32_master_weights: auto``), the chunked loss, no activation
+checkpointing unless asked. Two things are set for the measurement: GRASS-style methods run their
+training phase (``grass.probe_steps: 0``) with the WORST-case active layers, ``0 .. gamma-1``
+(activations are saved from the lowest active layer upward), forced with
+``GrassOptimizer.activate``; and ``torch.optim`` picks its CUDA implementation (``foreach``) where it
+would on a CUDA device (``optimizer_impl="auto"``; on ``meta`` it would pick the for-loop).
 
-* ``fft``: every parameter trained; AdamW states (``exp_avg``, ``exp_avg_sq``) on the device.
-* ``grass`` (gamma active layers): only the active decoder layers require grad; embeddings, final
-  norm and head are frozen and no input-require-grads hook is installed, so backward stops at the
-  lowest active layer and activations are saved from there upward. The estimate uses the WORST
-  case, layers ``0 .. gamma-1`` active. The optimizer states of all layers live in host memory; the
-  step brings in the states of one layer (and prefetches the next: at most two layers' states on
-  the device), steps it, sends the states back and frees that layer's gradients.
-* ``lisa`` (gamma): the same active layers plus embeddings, final norm and head trained; all their
-  AdamW states stay on the device (no offload).
-* ``lora`` / ``dora`` (rank r, alpha 2r): peft adapters on ``grass-llm train``'s default target
-  modules (q, k, v, up, down projections, LLM-Adapters'), no dropout; adapters in ``adapter_dtype``
-  (bf16 by default, as in the paper; peft's own default is fp32 adapters, ``adapter_dtype="fp32"``).
-
-The AdamW update is written out in torch ops with the allocation pattern of
-``torch.optim.AdamW``: ``optimizer_impl="fused"`` (the default: ``torch._fused_adamw_``, no
-temporaries; what the transformers ``Trainer`` uses by default with torch >= 2.8), ``"foreach"``
-(one temporary per parameter of a group at once, ``torch.optim.AdamW``'s default on CUDA) or
-``"for-loop"`` (temporaries of one parameter at a time).
-
-``estimate_memory(..., fake=False)`` runs the same steps on real CPU tensors; the tests use it to
-check that the fake run counts the same bytes as a real one.
+``estimate_memory(..., fake=False)`` runs the same steps on real CPU tensors (the device is then the
+CPU, where ``offload: auto`` is off); the tests use it to check that the fake run counts the same bytes
+as a real one. :func:`measure_cuda_step` runs them on a real CUDA device and returns
+``torch.cuda.max_memory_allocated``.
 
 Only torch is imported at module import time; transformers and peft are imported when needed.
 """
@@ -41,7 +37,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,35 +44,46 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from grass_llm.memory.tracker import ALLOCATOR_ROUND, CATEGORIES, LiveBytesTracker
 
 __all__ = [
     "CATEGORIES",
-    "METHODS",
     "OPTIMIZER_IMPLS",
+    "PHASES",
     "MemoryEstimate",
     "MemoryEstimateError",
+    "TrainingStep",
     "add_cli_arguments",
     "cli_main",
     "estimate_memory",
     "format_table",
     "load_config",
     "measure_cuda_step",
+    "methods",
+    "training_step",
 ]
 
-#: Fine-tuning methods the estimator models.
-METHODS = ("grass", "lisa", "fft", "lora", "dora")
-#: How the AdamW update allocates its temporaries (see the module docstring).
-OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")
+#: How torch.optim's AdamW allocates its temporaries: ``auto`` (what ``grass-llm train`` builds on CUDA: the
+#: fused kernel, no temporaries), ``fused``, ``foreach`` (one temporary per parameter of a group at once),
+#: ``for-loop`` (one parameter at a time). GrassOptimizer's update runs on bounded pieces either way.
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for-loop")
+#: What is estimated: a training step, or a probing step (backward through every layer, no update).
+PHASES = ("train", "probe")
 _CATEGORY_LABELS = {
     "weights": "weights",
     "gradients": "gradients",
     "optimizer_states": "optimizer states",
     "activations": "activations + temporaries",
 }
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def methods() -> tuple[str, ...]:
+    """The methods ``grass-llm train`` knows (``grass_llm.recipes.methods``), all of which can be estimated."""
+    from grass_llm.recipes.methods import METHODS
+
+    return tuple(METHODS)
 
 
 class MemoryEstimateError(ValueError):
@@ -133,9 +139,34 @@ def _config_name(config) -> str:
     return name or getattr(config, "model_type", "model")
 
 
+def _cuda_sdpa(original, device_type: str = "meta"):
+    """``F.scaled_dot_product_attention`` for ``meta`` tensors as a CUDA device runs it: the flash kernel for
+    bf16/fp16 (head dim <= 256, multiple of 8, no mask), else the memory-efficient one (no mask, no grouped
+    heads), else the math path. On ``meta`` SDPA would take the math path, which saves the (B, H, T, T)
+    attention weights that a CUDA run never allocates. Both kernels have meta implementations and derivatives."""
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.device.type == device_type and attn_mask is None and query.dim() == 4:
+            head_dim = query.shape[-1]
+            grouped = key.shape[-3] != query.shape[-3]
+            if query.dtype in (torch.bfloat16, torch.float16) and head_dim <= 256 and head_dim % 8 == 0:
+                return torch.ops.aten._scaled_dot_product_flash_attention(
+                    query, key, value, dropout_p, is_causal, False, scale=scale
+                )[0]
+            if not grouped:
+                grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+                return torch.ops.aten._scaled_dot_product_efficient_attention(
+                    query, key, value, None, grad, dropout_p, is_causal, scale=scale
+                )[0]
+        kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+
+    return sdpa
+
+
 @contextlib.contextmanager
-def _fake_mode_patches(mode):
-    """Two patches, active only during a fake run, that make it follow the path of a real one.
+def _fake_mode_patches(mode, device_type: str = "meta"):
+    """Patches, active only during a fake run, that make it follow the path of a real CUDA one.
 
     1. ``nn.Module.to`` on fake parameters: ``Module._apply`` swaps them with
        ``torch.utils.swap_tensors``, which refuses a tensor that has weak references, and the fake
@@ -146,13 +177,19 @@ def _fake_mode_patches(mode):
        assumes packing: it then materialises a (B, T, T) mask and SDPA takes its masked path. The
        synthetic batch is one unpadded sequence per row, for which a real run finds no packing
        (``None``) and calls SDPA with ``is_causal=True``; the patch returns that ``None``.
+    3. SDPA takes the kernel a CUDA device would take (:func:`_cuda_sdpa`), on ``device_type``: the
+       device that stands for CUDA (``meta``, or the fake CPU of an FSDP2 estimate).
+    4. torch.optim's fused AdamW, which ``grass-llm train`` builds on CUDA, accepts that device.
     """
     if mode is None:
         yield
         return
+    import torch.nn.functional as F
+    import torch.optim.optimizer as torch_optimizer
     import torch.utils
 
     original_swap = torch.utils.swap_tensors
+    original_fused = torch_optimizer._get_fused_kernels_supported_devices
 
     def swap(t1, t2):
         converter = mode.fake_tensor_converter.meta_converter
@@ -164,14 +201,19 @@ def _fake_mode_patches(mode):
     with contextlib.suppress(ImportError):
         from transformers import masking_utils
     original_find = getattr(masking_utils, "find_packed_sequence_indices", None)
+    original_sdpa = F.scaled_dot_product_attention
 
     torch.utils.swap_tensors = swap
+    F.scaled_dot_product_attention = _cuda_sdpa(original_sdpa, device_type)
+    torch_optimizer._get_fused_kernels_supported_devices = lambda: [*original_fused(), "meta"]
     if original_find is not None:
         masking_utils.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
     finally:
         torch.utils.swap_tensors = original_swap
+        F.scaled_dot_product_attention = original_sdpa
+        torch_optimizer._get_fused_kernels_supported_devices = original_fused
         if original_find is not None:
             masking_utils.find_packed_sequence_indices = original_find
 
@@ -193,222 +235,7 @@ def _build_model(config, dtype: torch.dtype, device: torch.device | str):
 
 
 # ---------------------------------------------------------------------------------------------
-# the step, per method
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    """What one method trains and how its optimizer states are held."""
-
-    trainable: list[list[nn.Parameter]]  # parameter groups, stepped group by group
-    offload: bool  # GRASS: states brought in per group, at most two groups resident
-
-
-def _adamw_update(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    step: int,
-    impl: str,
-    lr: float = 1e-5,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-) -> None:
-    """AdamW on ``params``, with the allocation pattern of ``torch.optim.AdamW`` (``impl``)."""
-    with torch.no_grad():
-        _adamw_update_(params, grads, exp_avgs, exp_avg_sqs, step, impl, lr, betas, eps, weight_decay)
-
-
-def _adamw_update_(params, grads, exp_avgs, exp_avg_sqs, step, impl, lr, betas, eps, weight_decay) -> None:
-    beta1, beta2 = betas
-    bc1 = 1 - beta1**step
-    bc2_sqrt = math.sqrt(1 - beta2**step)
-    step_size = lr / bc1
-    if impl == "fused":
-        steps = [torch.full((), float(step), dtype=torch.float32, device=p.device) for p in params]
-        torch._fused_adamw_(
-            list(params),
-            list(grads),
-            list(exp_avgs),
-            list(exp_avg_sqs),
-            [],
-            steps,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            eps=eps,
-            amsgrad=False,
-            maximize=False,
-        )
-        return
-    if impl == "foreach":
-        if weight_decay:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, -step_size)
-        return
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-        if weight_decay:
-            p.mul_(1 - lr * weight_decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / bc2_sqrt).add_(eps)
-        p.addcdiv_(m, denom, value=-step_size)
-        del denom
-
-
-class _StepRunner:
-    """Runs training steps of one method and models where its optimizer states live."""
-
-    def __init__(
-        self, plan: _Plan, state_dtype: torch.dtype | None, impl: str, tracker: LiveBytesTracker | None
-    ):
-        self.plan = plan
-        self.state_dtype = state_dtype
-        self.impl = impl
-        self.tracker = tracker
-        self.step_count = 0
-        self.resident: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        # GRASS: the host copy of every group's states (real runs only; host memory is not counted)
-        self.host: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self.copy_stream = None
-
-    def _tag(self, category: str):
-        return self.tracker.tagging(category) if self.tracker is not None else contextlib.nullcontext()
-
-    def _new_states(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        with self._tag("optimizer_states"):
-            m = [torch.zeros_like(p, dtype=self.state_dtype or p.dtype) for p in params]
-            v = [torch.zeros_like(p, dtype=self.state_dtype or p.dtype) for p in params]
-        return m, v
-
-    def _fetch(self, gi: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Bring group ``gi``'s states onto the device (GRASS offload)."""
-        params = self.plan.trainable[gi]
-        host = self.host.get(gi)
-        if host is None or params[0].device.type != "cuda":
-            return self._new_states(params)  # the device buffers the host copy lands in
-        stream = self.copy_stream or torch.cuda.current_stream()
-        with torch.cuda.stream(stream):
-            m = [h.to(p.device, non_blocking=True) for h, p in zip(host[0], params)]
-            v = [h.to(p.device, non_blocking=True) for h, p in zip(host[1], params)]
-        # invariant: the compute stream waits for the copies before the update reads m, v, and the
-        # buffers are recorded on the compute stream so the allocator does not reuse them early
-        torch.cuda.current_stream().wait_stream(stream)
-        for t in (*m, *v):
-            t.record_stream(torch.cuda.current_stream())
-        return m, v
-
-    def _store(self, gi: int, states: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
-        """Send group ``gi``'s states back to the host (real CUDA runs keep them there)."""
-        params = self.plan.trainable[gi]
-        if params[0].device.type != "cuda":
-            return
-        host = self.host.get(gi)
-        if host is None:
-            pin = torch.cuda.is_available()
-            host = tuple([torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in ts] for ts in states)
-            self.host[gi] = host
-        for hs, ds in zip(host, states):
-            for h, d in zip(hs, ds):
-                h.copy_(d, non_blocking=True)
-        torch.cuda.current_stream().synchronize()
-
-    def optimizer_step(self) -> None:
-        self.step_count += 1
-        groups = self.plan.trainable
-        if not self.plan.offload:
-            for gi, params in enumerate(groups):
-                if gi not in self.resident:
-                    self.resident[gi] = self._new_states(params)
-            all_p = [p for params in groups for p in params if p.grad is not None]
-            ids = {id(p) for p in all_p}
-            m = [
-                t
-                for gi, params in enumerate(groups)
-                for t, p in zip(self.resident[gi][0], params)
-                if id(p) in ids
-            ]
-            v = [
-                t
-                for gi, params in enumerate(groups)
-                for t, p in zip(self.resident[gi][1], params)
-                if id(p) in ids
-            ]
-            with self._tag("activations"):
-                _adamw_update(all_p, [p.grad for p in all_p], m, v, self.step_count, self.impl)
-            return
-        # GRASS: one group (layer) on the device at a time, plus the prefetched next one
-        order = [gi for gi, params in enumerate(groups) if any(p.grad is not None for p in params)]
-        pending = self._fetch(order[0]) if order else None
-        for k, gi in enumerate(order):
-            states, pending = pending, None
-            if k + 1 < len(order):
-                pending = self._fetch(order[k + 1])  # prefetch: at most two layers' states resident
-            params = [p for p in groups[gi] if p.grad is not None]
-            with self._tag("activations"):
-                _adamw_update(
-                    params, [p.grad for p in params], states[0], states[1], self.step_count, self.impl
-                )
-            self._store(gi, states)
-            del states
-            for p in groups[gi]:
-                p.grad = None  # this layer is stepped: its gradients are freed now
-
-    def zero_grad(self) -> None:
-        for params in self.plan.trainable:
-            for p in params:
-                p.grad = None
-
-
-def _plan_method(model, method: str, active: Sequence[int]) -> tuple[nn.Module, _Plan]:
-    from grass_llm.layers import discover_layers
-
-    if method in ("lora", "dora"):
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        return model, _Plan([trainable], offload=False)
-    groups = discover_layers(model)
-    for p in model.parameters():
-        p.requires_grad_(method == "fft")
-    if method == "fft":
-        return model, _Plan([[p for p in model.parameters()]], offload=False)
-    layer_groups = [groups.block_params[i] for i in active]
-    for params in layer_groups:
-        for p in params:
-            p.requires_grad_(True)
-    if method == "grass":
-        return model, _Plan(layer_groups, offload=True)
-    # lisa: embeddings, final norm and head are always trained; all states resident
-    extra = [p for p in (*groups.embeddings, *groups.norm, *groups.head)]
-    for p in extra:
-        p.requires_grad_(True)
-    return model, _Plan([*layer_groups, extra], offload=False)
-
-
-def _apply_peft(model, method: str, rank: int, adapter_dtype: torch.dtype):
-    """LoRA / DoRA as ``grass-llm train`` builds it (its default target modules), alpha = 2r, no dropout."""
-    from grass_llm.recipes.methods import wrap_lora
-    from grass_llm.recipes.train_config import LoraSection
-
-    targets = LoraSection().target_modules
-    model = wrap_lora(model, rank, 2 * rank, targets, 0.0, method == "dora", adapter_dtype)
-    for n, p in model.named_parameters():
-        if "lora_" not in n and p.requires_grad:
-            p.requires_grad_(False)
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# the estimate
+# the steps, exactly as grass-llm train runs them
 # ---------------------------------------------------------------------------------------------
 
 
@@ -424,10 +251,9 @@ class MemoryEstimate:
     active_layers: int | None = None
     active_layer_ids: list[int] | None = None
     rank: int | None = None
-    adapter_dtype: str | None = None
-    state_dtype: str | None = None
-    gradient_checkpointing: bool = False
-    optimizer_impl: str = "fused"
+    activation_checkpointing: str = "none"
+    chunked_loss: bool = True
+    optimizer_impl: str = "auto"
     num_layers: int = 0
     total_params: int = 0
     trainable_params: int = 0
@@ -438,16 +264,24 @@ class MemoryEstimate:
     peak: int = 0
     fake: bool = True
     measured_peak: int | None = None  # torch.cuda.max_memory_allocated, when measured
+    world_size: int = 1  # > 1: one rank of an FSDP2 run
+    phase: str = "train"
+    settings: dict[str, Any] = field(default_factory=dict)  # the TrainConfig keys given (overrides)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         """Short method label: ``GRASS γ=2``, ``LoRA r=128``, ``FFT``."""
-        if self.method in ("grass", "lisa"):
-            return f"{self.method.upper()} γ={self.active_layers}"
-        if self.method in ("lora", "dora"):
-            return f"{'LoRA' if self.method == 'lora' else 'DoRA'} r={self.rank}"
-        return "FFT"
+        names = {"grass": "GRASS", "grass-static": "GRASS*", "lisa": "LISA", "badam": "BAdam"}
+        if self.method in names:
+            label = f"{names[self.method]} γ={self.active_layers}"
+        elif self.method in ("lora", "dora"):
+            label = f"{'LoRA' if self.method == 'lora' else 'DoRA'} r={self.rank}"
+        else:
+            label = self.method.upper()
+        if self.world_size > 1:
+            label += f", FSDP2 x{self.world_size} (per rank)"
+        return label + (", probing" if self.phase == "probe" else "")
 
     def breakdown(self) -> dict[str, int]:
         """Bytes per category at the peak (they sum to ``peak``)."""
@@ -473,135 +307,324 @@ def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
     return value
 
 
+def _train_config(model_name: str, method: str, settings: dict[str, Any]):
+    """The ``TrainConfig`` ``grass-llm train`` would run (``TrainConfigError`` -> ``MemoryEstimateError``)."""
+    import warnings
+
+    from grass_llm.recipes.train_config import TrainConfig, TrainConfigError, _nest
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a method overriding a key given to all methods
+            return TrainConfig.from_dict(_nest({"model": model_name, **settings, "method": method}))
+    except TrainConfigError as e:
+        raise MemoryEstimateError(str(e)) from None
+
+
+class TrainingStep:
+    """One method built as ``grass-llm train`` builds it, on ``device``, and its training step.
+
+    ``run(B, T)`` is one optimizer step of ``FinetuneRecipe.train_step`` on a batch of B unpadded random
+    rows of T tokens. Built by :func:`training_step` on a real device, or by :func:`estimate_memory` on
+    fake tensors. ``model`` and ``opt`` are what ``build_method`` returned.
+    """
+
+    def __init__(
+        self, config, cfg, device: torch.device, fake_mode, active: list[int] | None, impl: str, mesh=None
+    ):
+        from grass_llm.activation_checkpointing import apply_activation_checkpointing
+        from grass_llm.loss import chunked_loss_for
+        from grass_llm.recipes.methods import build_method, get_method
+
+        self.cfg, self.device = cfg, device
+        self.method = get_method(cfg.method)
+        fake = fake_mode if fake_mode is not None else contextlib.nullcontext()
+        with fake:
+            model = _build_model(config, _DTYPES[cfg.dtype], device)
+            apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.grass.layers)
+        shard = None
+        if mesh is not None:  # FSDP2 on ``mesh``, as grass-llm train shards with distributed.strategy=fsdp2
+            from grass_llm.distributed.fsdp2 import apply_fsdp2
+
+            def shard(m):
+                return apply_fsdp2(m, cfg.grass.layers, mesh)
+
+        # GrassOptimizer draws its layers with real host-side tensors (sampler RNG): built outside the
+        # fake mode, it steps the fake model inside it. peft's adapters must be fake: built inside.
+        if self.method.layer_wise:
+            if shard is not None:
+                with fake:
+                    model = shard(model)
+            self.model, self.opt = build_method(model, cfg)
+        else:
+            with fake:
+                self.model, self.opt = build_method(model, cfg, shard=shard)
+        off = getattr(self.opt, "offloader", None)
+        if mesh is not None and off is not None:
+            off.host_device = torch.device("meta")  # host buffers out of the count (the model is on fake CPU)
+        with fake:
+            self.loss_fn = chunked_loss_for(self.model) if cfg.chunked_loss else None
+        if self.method.layer_wise and not self.opt.probing:
+            self.opt.activate(active)
+        # the AdamW implementation: what grass-llm train gets on the device the run stands for (CUDA for
+        # fake runs: fused for torch.optim, foreach pieces for GrassOptimizer; a real CPU: neither)
+        cuda = device.type != "cpu" or mesh is not None
+        if impl == "auto":
+            impl = ("foreach" if self.method.layer_wise else "fused") if cuda else "for-loop"
+        for group in self.opt.param_groups:
+            fused = impl == "fused" and not self.method.layer_wise
+            group["fused"] = True if fused else None
+            group["foreach"] = impl == "foreach" or (impl == "fused" and self.method.layer_wise)
+        self.vocab = int(getattr(config, "vocab_size", 32000))
+
+    def run(self, batch_size: int, seq_len: int, tracker: LiveBytesTracker | None = None) -> None:
+        """One optimizer step of ``FinetuneRecipe.train_step`` (one micro-batch of unpadded rows)."""
+        from grass_llm.loss import causal_lm_loss
+
+        cfg, dev = self.cfg, self.device
+        ids = torch.randint(0, self.vocab, (batch_size, seq_len), device=dev)  # (B, T)
+        n_items = torch.tensor(max(batch_size * (seq_len - 1), 1), device=dev)
+        batch = {"input_ids": ids, "labels": ids}
+        loss = causal_lm_loss(self.model, batch, self.loss_fn, n_items, cfg.compact_activations)
+        loss.backward()
+        del loss, ids
+        if not self.method.layer_wise and cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
+            )
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if tracker is not None:  # what outlives the step is optimizer state (the rest: temporaries)
+            tracker.retag(self.state_tensors(), "optimizer_states")
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The optimizer's device-resident state: torch.optim's ``state`` and the offloader's slots."""
+        out = [t for st in self.opt.state.values() for t in st.values() if torch.is_tensor(t)]
+        off = getattr(self.opt, "offloader", None)
+        return out + (off.device_buffers() if off is not None else [])
+
+
 def estimate_memory(
     model: Any,
     method: str = "grass",
     *,
-    active_layers: int = 2,
+    active_layers: int | None = None,
     active_layer_ids: Sequence[int] | None = None,
     rank: int = 128,
     batch_size: int = 1,
     seq_len: int = 1024,
     dtype: str = "bf16",
-    state_dtype: str | None = None,
-    adapter_dtype: str = "bf16",
-    gradient_checkpointing: bool = False,
-    optimizer_impl: str = "fused",
+    activation_checkpointing: str = "none",
+    chunked_loss: bool = True,
+    optimizer_impl: str = "auto",
+    overrides: dict[str, Any] | None = None,
     steps: int = 2,
     fake: bool = True,
     round_to: int = ALLOCATOR_ROUND,
+    world_size: int = 1,
+    phase: str = "train",
 ) -> MemoryEstimate:
     """Estimate the peak device memory of a training step of ``model`` with ``method``.
 
     Args:
         model: a ``PretrainedConfig``, a config.json path or directory, or a cached hub name.
-        method: one of :data:`METHODS`.
-        active_layers: gamma for ``grass`` / ``lisa``.
+        method: a ``grass-llm train`` method (:func:`methods`).
+        active_layers: gamma (``grass.active_layers``) of the layer-wise methods; default the method's
+            (2 for grass and lisa, 1 for badam).
         active_layer_ids: the active decoder layers; default ``0 .. gamma-1``, the worst case
             (activations are saved from the lowest active layer upward).
-        rank: LoRA / DoRA rank r (alpha = 2r).
+        rank: LoRA / DoRA rank r (``lora.rank``; ``lora.alpha`` = 2r).
         batch_size, seq_len: the batch of one step (B, T).
-        dtype: weight dtype, ``bf16`` (pure bf16, the paper's setting) or ``fp32``.
-        state_dtype: AdamW state dtype; default the parameter dtype. ``fp32`` for fp32 states.
-        adapter_dtype: LoRA / DoRA adapter dtype (``bf16`` as in the paper, or ``fp32``).
-        gradient_checkpointing: recompute each block in backward (non-reentrant checkpointing).
-        optimizer_impl: allocation pattern of the AdamW update, one of :data:`OPTIMIZER_IMPLS`.
-        steps: training steps run (>= 2: the first step creates the resident optimizer states).
-        fake: build the model from fake tensors (no memory, any size); ``False`` runs real CPU
-            tensors (small models only; used to validate the fake run).
+        dtype: weight dtype, ``bf16`` (the paper's pure-bf16 setting) or ``fp32``.
+        activation_checkpointing: ``none``, ``full`` or ``frozen`` (``grass-llm train``'s key).
+        chunked_loss: the chunked cross-entropy of ``grass-llm train`` (its default) or the model's own.
+        optimizer_impl: torch.optim's AdamW implementation, one of :data:`OPTIMIZER_IMPLS`.
+        overrides: more ``grass-llm train`` keys, dotted (``{"grass.offload": False, "lora.dtype": "fp32"}``).
+        steps: training steps run (>= 2: the first step creates the optimizer states).
+        fake: fake tensors on ``meta`` standing for a CUDA device (no memory, any size); ``False`` runs
+            real CPU tensors (small models only; used to validate the fake run).
         round_to: storages are rounded up to this many bytes (CUDA caching allocator: 512).
+        world_size: > 1: the peak of one of ``world_size`` ranks running FSDP2
+            (``distributed.strategy: fsdp2``: every decoder block and the root ``fully_shard``-ed, GRASS on
+            ``FSDP2Backend``, offload on as on CUDA), with a fake process group; the model is on fake
+            CPU tensors (FSDP2 refuses meta ones) and the offloader's host buffers on meta, out of the count.
+        phase: ``train`` (a training step) or ``probe`` (a probing step of the methods that probe:
+            backward through every layer, each gradient freed as soon as its norm is read).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    _check_choice("method", method, METHODS)
-    _check_choice("dtype", dtype, ("bf16", "fp32"))
-    _check_choice("adapter_dtype", adapter_dtype, ("bf16", "fp32"))
-    if state_dtype is not None:
-        _check_choice("state_dtype", state_dtype, ("bf16", "fp32"))
+    _check_choice("method", method, methods())
+    _check_choice("dtype", dtype, tuple(_DTYPES))
     _check_choice("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
     _check_int("batch_size", batch_size, 1)
-    _check_int("seq_len", seq_len, 1)
+    _check_int("seq_len", seq_len, 2)
     _check_int("steps", steps, 1)
-    if method in ("grass", "lisa"):
+    _check_int("world_size", world_size, 1)
+    _check_choice("phase", phase, PHASES)
+    if world_size > 1 and not fake:
+        raise MemoryEstimateError(
+            "world_size > 1 needs fake=True (a fake process group stands for the ranks)"
+        )
+    from grass_llm.recipes.methods import get_method
+
+    layer_wise = get_method(method).layer_wise
+    if layer_wise and active_layers is not None:
         _check_int("active_layers", active_layers, 1)
     if method in ("lora", "dora"):
         _check_int("rank", rank, 1)
     config = load_config(model)
+    settings = _settings(
+        method,
+        active_layers,
+        rank,
+        batch_size,
+        seq_len,
+        dtype,
+        activation_checkpointing,
+        chunked_loss,
+        overrides,
+    )
+    if layer_wise and phase == "probe":
+        settings["grass.probe_steps"] = steps + 1  # every step of the estimate probes
+    if world_size > 1:
+        settings.setdefault("grass.offload", True)  # what auto gives on CUDA
+    name = _config_name(config) if not isinstance(model, (str, Path)) else str(model)
+    cfg = _train_config(name, method, settings)
+    if phase == "probe" and not (layer_wise and cfg.grass.probe_steps > 0):
+        raise MemoryEstimateError(f"method={method} does not probe; allowed: phase=train")
     num_layers = getattr(config, "num_hidden_layers", None)
-    if method in ("grass", "lisa"):
-        if active_layer_ids is None:
-            active_layer_ids = list(range(active_layers))
-        active_layer_ids = sorted({int(i) for i in active_layer_ids})
-        if len(active_layer_ids) != active_layers:
-            raise MemoryEstimateError(
-                f"active_layer_ids={active_layer_ids!r} has {len(active_layer_ids)} distinct layers; "
-                f"allowed: exactly active_layers={active_layers}"
-            )
-        if num_layers is not None and (active_layer_ids[0] < 0 or active_layer_ids[-1] >= num_layers):
-            raise MemoryEstimateError(
-                f"active_layer_ids={active_layer_ids!r} is invalid; allowed: layers 0..{num_layers - 1}"
-            )
-    else:
-        active_layer_ids = None
-    torch_dtype = _DTYPES[dtype]
+    active_layers = cfg.grass.active_layers if layer_wise else None
+    active_layer_ids = _active_ids(active_layer_ids, active_layers, num_layers) if layer_wise else None
 
-    mode = FakeTensorMode() if fake else None
-    with mode or contextlib.nullcontext(), _fake_mode_patches(mode):
-        net = _build_model(config, torch_dtype, "cpu")
-        if method in ("lora", "dora"):
-            net = _apply_peft(net, method, rank, _DTYPES[adapter_dtype])
-        net, plan = _plan_method(net, method, active_layer_ids or [])
-        if gradient_checkpointing:
-            _enable_checkpointing(net)
-        net.train()
-        tracker = LiveBytesTracker(round_to=round_to)
-        tracker.track(list(net.parameters()) + list(net.buffers()), "weights")
-        for params in plan.trainable:
-            for p in params:
-                p.register_post_accumulate_grad_hook(lambda p: tracker.retag(p.grad, "gradients"))
-        runner = _StepRunner(plan, _DTYPES[state_dtype] if state_dtype else None, optimizer_impl, tracker)
-        vocab = int(getattr(config, "vocab_size", 32000))
-        with tracker:
+    device = torch.device("meta" if fake and world_size == 1 else "cpu")
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    with _fake_mode_patches(mode, device.type), _fake_process_group(world_size) as mesh:
+        step = TrainingStep(config, cfg, device, mode, active_layer_ids, optimizer_impl, mesh)
+        net = step.model
+        tracker = LiveBytesTracker(round_to=round_to, device=device)
+        tracker.track([_local(t) for t in [*net.parameters(), *net.buffers()]], "weights")
+
+        def retag_grad(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                tracker.retag(_local(p.grad), "gradients")
+
+        for p in net.parameters():
+            # GrassOptimizer switches requires_grad itself: hook every parameter
+            was = p.requires_grad
+            p.requires_grad_(True)
+            p.register_post_accumulate_grad_hook(retag_grad)
+            p.requires_grad_(was)
+        with mode or contextlib.nullcontext(), tracker:
             for _ in range(steps):
-                ids = torch.randint(0, vocab, (batch_size, seq_len))  # (B, T)
-                loss = net(input_ids=ids, labels=ids).loss
-                loss.backward()
-                del loss, ids
-                runner.optimizer_step()
-                runner.zero_grad()
+                step.run(batch_size, seq_len, tracker)
         breakdown = tracker.peak_breakdown()
         total = sum(p.numel() for p in net.parameters())
-        trainable = sum(p.numel() for params in plan.trainable for p in params)
+        trainable = (
+            sum(p.numel() for p in step.opt.trainable_parameters())
+            if layer_wise
+            else sum(p.numel() for g in step.opt.param_groups for p in g["params"])
+        )
+        extra = _extras(step)
 
     return MemoryEstimate(
-        model=_config_name(config) if not isinstance(model, (str, Path)) else str(model),
+        model=name,
         method=method,
         batch_size=batch_size,
         seq_len=seq_len,
         dtype=dtype,
-        active_layers=active_layers if method in ("grass", "lisa") else None,
+        active_layers=active_layers if layer_wise else None,
         active_layer_ids=active_layer_ids,
         rank=rank if method in ("lora", "dora") else None,
-        adapter_dtype=adapter_dtype if method in ("lora", "dora") else None,
-        state_dtype=state_dtype or dtype,
-        gradient_checkpointing=gradient_checkpointing,
+        activation_checkpointing=activation_checkpointing,
+        chunked_loss=chunked_loss,
         optimizer_impl=optimizer_impl,
         num_layers=int(num_layers or 0),
         total_params=total,
         trainable_params=trainable,
         peak=tracker.peak,
         fake=fake,
+        world_size=world_size,
+        phase=phase,
+        settings=dict(overrides or {}),
+        extra=extra,
         **breakdown,
     )
 
 
-def _enable_checkpointing(model) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # transformers installs an input-require-grads hook on the embeddings; non-reentrant
-    # checkpointing does not need it, and it would make backward run down to the embeddings
-    # (saving activations below the lowest active layer), which GRASS avoids.
-    with contextlib.suppress(Exception):
-        model.disable_input_require_grads()
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 ``DTensor``; any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@contextlib.contextmanager
+def _fake_process_group(world_size: int):
+    """``world_size > 1``: a fake process group of that many ranks (collectives are no-ops, as in
+    torchtitan's estimator) and its 1-D CPU mesh, yielded; else ``None``."""
+    if world_size == 1:
+        yield None
+        return
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise MemoryEstimateError("world_size > 1 needs no process group initialised (it makes a fake one)")
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _active_ids(ids: Sequence[int] | None, gamma: int, num_layers: int | None) -> list[int]:
+    """The active layers: ``ids``, by default ``0 .. gamma-1`` (the worst case), checked."""
+    ids = sorted({int(i) for i in (range(gamma) if ids is None else ids)})
+    if len(ids) != gamma:
+        raise MemoryEstimateError(
+            f"active_layer_ids={ids!r} has {len(ids)} distinct layers; allowed: exactly active_layers={gamma}"
+        )
+    if num_layers is not None and (ids[0] < 0 or ids[-1] >= num_layers):
+        raise MemoryEstimateError(f"active_layer_ids={ids!r} is invalid; allowed: layers 0..{num_layers - 1}")
+    return ids
+
+
+def _settings(method, active_layers, rank, batch_size, seq_len, dtype, checkpointing, chunked, overrides):
+    from grass_llm.recipes.methods import get_method
+
+    settings: dict[str, Any] = {
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "max_length": max(seq_len, 8),
+        "activation_checkpointing": checkpointing,
+        "chunked_loss": chunked,
+    }
+    if get_method(method).layer_wise:
+        # the training phase (probing runs no update); the method's defining settings still win
+        settings["grass.probe_steps"] = 0
+        if active_layers is not None:
+            settings["grass.active_layers"] = active_layers
+    if method in ("lora", "dora"):
+        settings.update({"lora.rank": rank, "lora.alpha": 2 * rank})
+    for key, value in (overrides or {}).items():
+        if not isinstance(key, str):
+            raise MemoryEstimateError(f"overrides key {key!r} is invalid; allowed: grass-llm train keys")
+        settings[key] = value
+    return settings
+
+
+def _extras(step: TrainingStep) -> dict[str, Any]:
+    """What the estimate ran with: the offload and precision settings, host memory of the offloaded states."""
+    opt = step.opt
+    out: dict[str, Any] = {"optimizer": type(opt).__name__}
+    off = getattr(opt, "offloader", None)
+    if step.method.layer_wise:
+        out.update(offload=off is not None, precision=opt.precision)
+    if off is not None:
+        out.update(
+            offload_chunk_bytes=off.chunk_bytes,
+            host_bytes_all_units=sum(off.unit_nbytes(u) for u in off.units()),
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,7 +656,7 @@ def format_table(
     for e in estimates:
         row = [
             e.model,
-            e.label + (" +GC" if e.gradient_checkpointing else ""),
+            e.label + {"none": "", "full": " +AC", "frozen": " +AC frozen"}[e.activation_checkpointing],
             str(e.batch_size),
             str(e.seq_len),
         ]
@@ -649,6 +672,55 @@ def format_table(
 
 
 # ---------------------------------------------------------------------------------------------
+# real devices
+# ---------------------------------------------------------------------------------------------
+
+
+def training_step(
+    model: Any,
+    method: str = "grass",
+    *,
+    device: torch.device | str = "cuda",
+    active_layers: int | None = None,
+    active_layer_ids: Sequence[int] | None = None,
+    rank: int = 128,
+    batch_size: int = 1,
+    seq_len: int = 1024,
+    dtype: str = "bf16",
+    activation_checkpointing: str = "none",
+    chunked_loss: bool = True,
+    optimizer_impl: str = "auto",
+    overrides: dict[str, Any] | None = None,
+) -> TrainingStep:
+    """A randomly initialised ``model`` (a config) with ``method`` on a real ``device``, built from the same
+    ``TrainConfig`` as :func:`estimate_memory` (same arguments); for measurements and timings
+    (``benchmarks/gpu_check.py``). ``batch_size`` / ``seq_len`` only size ``max_length``: pass them to
+    ``run`` too."""
+    _check_choice("method", method, methods())
+    _check_choice("dtype", dtype, tuple(_DTYPES))
+    _check_choice("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
+    config = load_config(model)
+    from grass_llm.recipes.methods import get_method
+
+    layer_wise = get_method(method).layer_wise
+    settings = _settings(
+        method,
+        active_layers,
+        rank,
+        batch_size,
+        seq_len,
+        dtype,
+        activation_checkpointing,
+        chunked_loss,
+        overrides,
+    )
+    cfg = _train_config(_config_name(config), method, settings)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    active = _active_ids(active_layer_ids, cfg.grass.active_layers, num_layers) if layer_wise else None
+    return TrainingStep(config, cfg, torch.device(device), None, active, optimizer_impl)
+
+
+# ---------------------------------------------------------------------------------------------
 # real measurement on a CUDA device
 # ---------------------------------------------------------------------------------------------
 
@@ -657,59 +729,55 @@ def measure_cuda_step(
     model: Any,
     method: str = "grass",
     *,
-    active_layers: int = 2,
+    active_layers: int | None = None,
     active_layer_ids: Sequence[int] | None = None,
     rank: int = 128,
     batch_size: int = 1,
     seq_len: int = 1024,
     dtype: str = "bf16",
-    state_dtype: str | None = None,
-    adapter_dtype: str = "bf16",
-    gradient_checkpointing: bool = False,
-    optimizer_impl: str = "fused",
+    activation_checkpointing: str = "none",
+    chunked_loss: bool = True,
+    optimizer_impl: str = "auto",
+    overrides: dict[str, Any] | None = None,
     steps: int = 2,
     device: str = "cuda",
 ) -> int:
     """Run the same training steps on a real CUDA device; return ``torch.cuda.max_memory_allocated``.
 
-    The model is randomly initialised from its config (no weights are downloaded). GRASS keeps its
-    optimizer states in pinned host memory and copies them in on a side stream, one layer at a time
-    with the next one prefetched. Raises :class:`MemoryEstimateError` without CUDA.
+    The model is randomly initialised from its config (no weights are downloaded) and the method built
+    with the same ``TrainConfig`` as :func:`estimate_memory`. Raises :class:`MemoryEstimateError`
+    without CUDA.
     """
     if not torch.cuda.is_available():
         raise MemoryEstimateError("measure_cuda_step needs a CUDA device; torch.cuda.is_available() is False")
-    _check_choice("method", method, METHODS)
-    _check_choice("dtype", dtype, ("bf16", "fp32"))
+    _check_choice("method", method, methods())
+    _check_choice("dtype", dtype, tuple(_DTYPES))
     _check_choice("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
-    config = load_config(model)
-    if active_layer_ids is None:
-        active_layer_ids = list(range(active_layers))
     dev = torch.device(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
-    net = _build_model(config, _DTYPES[dtype], dev)
-    if method in ("lora", "dora"):
-        net = _apply_peft(net, method, rank, _DTYPES[adapter_dtype])
-    net, plan = _plan_method(net, method, active_layer_ids if method in ("grass", "lisa") else [])
-    if gradient_checkpointing:
-        _enable_checkpointing(net)
-    net.train()
-    runner = _StepRunner(plan, _DTYPES[state_dtype] if state_dtype else None, optimizer_impl, None)
-    if plan.offload:
-        runner.copy_stream = torch.cuda.Stream(dev)
-    vocab = int(getattr(config, "vocab_size", 32000))
+    step = training_step(
+        model,
+        method,
+        device=dev,
+        active_layers=active_layers,
+        active_layer_ids=active_layer_ids,
+        rank=rank,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        activation_checkpointing=activation_checkpointing,
+        chunked_loss=chunked_loss,
+        optimizer_impl=optimizer_impl,
+        overrides=overrides,
+    )
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(steps):
-        ids = torch.randint(0, vocab, (batch_size, seq_len), device=dev)  # (B, T)
-        loss = net(input_ids=ids, labels=ids).loss
-        loss.backward()
-        del loss, ids
-        runner.optimizer_step()
-        runner.zero_grad()
+        step.run(batch_size, seq_len)
     torch.cuda.synchronize(dev)
     peak = int(torch.cuda.max_memory_allocated(dev))
-    del net, runner, plan
+    del step
     torch.cuda.empty_cache()
     return peak
 
@@ -720,21 +788,50 @@ def measure_cuda_step(
 
 
 def _methods(values: Sequence[str]) -> list[str]:
+    known = methods()
     out: list[str] = []
     for v in values:
         for m in v.split(","):
             m = m.strip().lower()
             if not m:
                 continue
-            if m not in METHODS:
-                raise MemoryEstimateError(f"--method {m!r} is invalid; allowed: {', '.join(METHODS)}")
+            if m not in known:
+                raise MemoryEstimateError(f"--method {m!r} is invalid; allowed: {', '.join(known)}")
             if m not in out:
                 out.append(m)
     return out or ["grass"]
 
 
+def _probes(method: str, overrides: dict[str, Any]) -> bool:
+    """Whether ``method`` with these settings has a probing phase (as ``grass-llm train`` resolves them)."""
+    cfg = _train_config("model", method, dict(overrides))
+    return cfg.layer_wise and cfg.grass.probe_steps > 0
+
+
+def _overrides(items: Sequence[str]) -> dict[str, Any]:
+    from grass_llm.recipes.train_config import _parse_scalar
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise MemoryEstimateError(
+                f"setting {item!r} is invalid; allowed: key=value with a grass-llm train key (e.g. grass.offload=false)"
+            )
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_scalar(value)
+    return out
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``grass-llm memory`` to ``parser``."""
+    from grass_llm.activation_checkpointing import MODES
+
+    parser.description = (
+        "Estimate the peak device memory of one training step without a GPU: the model is built from fake "
+        "tensors and the method exactly as `grass-llm train` builds it on a CUDA device, and its real "
+        "optimizer steps. key=value settings are grass-llm train keys (grass.offload=false, lora.dtype=fp32, "
+        "grass.fp32_master_weights=false ...)."
+    )
     parser.add_argument(
         "--model",
         required=True,
@@ -745,36 +842,46 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         action="append",
         default=None,
-        help=f"method(s) to estimate, repeatable or comma separated: {', '.join(METHODS)} (default grass)",
+        help=f"method(s) to estimate, repeatable or comma separated: {', '.join(methods())} (default grass)",
     )
-    parser.add_argument("--active-layers", type=int, default=2, help="gamma for grass / lisa (default 2)")
+    parser.add_argument(
+        "--active-layers",
+        type=int,
+        default=None,
+        help="gamma of the layer-wise methods (default: the method's, 2 for grass and lisa, 1 for badam)",
+    )
     parser.add_argument("--rank", type=int, default=128, help="LoRA / DoRA rank r, alpha = 2r (default 128)")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size B (default 1)")
     parser.add_argument("--seq-len", type=int, default=1024, help="sequence length T (default 1024)")
+    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="bf16", help="weight dtype (default bf16)")
     parser.add_argument(
-        "--dtype", choices=("bf16", "fp32"), default="bf16", help="weight dtype (default bf16)"
-    )
-    parser.add_argument(
-        "--state-dtype",
-        choices=("bf16", "fp32"),
-        default=None,
-        help="AdamW state dtype (default: the weight dtype)",
-    )
-    parser.add_argument(
-        "--adapter-dtype",
-        choices=("bf16", "fp32"),
-        default="bf16",
-        help="LoRA / DoRA adapter dtype (default bf16)",
+        "--activation-checkpointing",
+        choices=MODES,
+        default="none",
+        help="none, full (every block) or frozen (only frozen blocks above the lowest trained one)",
     )
     parser.add_argument(
         "--optimizer-impl",
         choices=OPTIMIZER_IMPLS,
-        default="fused",
-        help="allocation pattern of the AdamW update (default fused, the transformers Trainer default)",
+        default="auto",
+        help="torch.optim AdamW implementation (default auto: what torch picks on CUDA, foreach)",
     )
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
     parser.add_argument(
         "--unit", choices=tuple(_UNITS), default="GiB", help="unit of the table (default GiB)"
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="estimate one rank of an N-rank FSDP2 run (distributed.strategy=fsdp2; default 1: one device)",
+    )
+    parser.add_argument(
+        "--phase",
+        choices=(*PHASES, "both"),
+        default="both",
+        help="train: a training step; probe: a probing step (backward through every layer); both (default): "
+        "the training step, and the probing step of the methods that probe",
     )
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the estimates as JSON here")
     parser.add_argument(
@@ -782,31 +889,39 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run the step on the CUDA device and report torch.cuda.max_memory_allocated",
     )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="grass-llm train settings")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     """Run ``grass-llm memory``: print a Markdown table, optionally write JSON. Returns the exit code."""
     try:
-        methods = _methods(args.method or [])
+        chosen = _methods(args.method or [])
+        overrides = _overrides(args.overrides or [])
         if args.measure and not torch.cuda.is_available():
             raise MemoryEstimateError("--measure needs a CUDA device; torch.cuda.is_available() is False")
         estimates = []
-        for method in methods:
+        for method in chosen:
             kwargs = dict(
                 active_layers=args.active_layers,
                 rank=args.rank,
                 batch_size=args.batch_size,
                 seq_len=args.seq_len,
                 dtype=args.dtype,
-                state_dtype=args.state_dtype,
-                adapter_dtype=args.adapter_dtype,
-                gradient_checkpointing=args.gradient_checkpointing,
+                activation_checkpointing=args.activation_checkpointing,
                 optimizer_impl=args.optimizer_impl,
+                overrides=overrides,
             )
-            est = estimate_memory(args.model, method, **kwargs)
+            est = estimate_memory(args.model, method, world_size=args.world_size, **kwargs)
             if args.measure:
+                if args.world_size > 1:
+                    raise MemoryEstimateError("--measure runs one device; allowed with --world-size 1")
                 est.measured_peak = measure_cuda_step(args.model, method, **kwargs)
-            estimates.append(est)
+            if args.phase != "probe":
+                estimates.append(est)
+            if args.phase != "train" and _probes(method, overrides):
+                estimates.append(
+                    estimate_memory(args.model, method, world_size=args.world_size, phase="probe", **kwargs)
+                )
     except MemoryEstimateError as err:
         print(f"grass-llm memory: error: {err}", file=sys.stderr)
         return 2

@@ -44,14 +44,17 @@ class LiveBytesTracker(TorchDispatchMode):
     (a gradient is produced as an ordinary backward output and retagged when it is accumulated);
     the breakdown of the peak uses the final category of each storage that was live at the peak.
 
+    With ``device`` set, only storages on that device are counted (the estimator passes the model's
+    device, so host buffers, such as the offloader's, are left out as they are by the CUDA allocator).
     Works with real tensors and with fake tensors alike.
     """
 
-    def __init__(self, round_to: int = ALLOCATOR_ROUND):
+    def __init__(self, round_to: int = ALLOCATOR_ROUND, device: torch.device | str | None = None):
         super().__init__()
         if round_to < 1:
             raise ValueError(f"round_to={round_to!r} is invalid; allowed: an integer >= 1")
         self.round_to = int(round_to)
+        self.device = None if device is None else torch.device(device)
         self.category = "activations"
         self.current = 0
         self.peak = 0
@@ -80,9 +83,9 @@ class LiveBytesTracker(TorchDispatchMode):
         for t in tensors:
             self._add(t, category, retag=True)
 
-    def retag(self, tensor: torch.Tensor, category: str) -> None:
-        """Move the storage of ``tensor`` to ``category`` (tracking it if it is not yet)."""
-        self._add(tensor, category, retag=True)
+    def retag(self, tensors: Iterable[torch.Tensor] | torch.Tensor, category: str) -> None:
+        """Move the storage of each tensor to ``category`` (tracking it if it is not yet)."""
+        self.track(tensors, category)
 
     def peak_breakdown(self) -> dict[str, int]:
         """Bytes per category of the storages live at the peak."""
@@ -109,6 +112,13 @@ class LiveBytesTracker(TorchDispatchMode):
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _add(self, t: torch.Tensor, category: str, retag: bool) -> None:
+        # a DTensor (FSDP2) is a wrapper: this rank holds its local tensor's storage only (the mode sees
+        # the DTensor-level op first, whose output would otherwise count at the global size)
+        local = getattr(t, "_local_tensor", None)
+        if isinstance(local, torch.Tensor):
+            t = local
+        if self.device is not None and t.device.type != self.device.type:
+            return
         try:
             st = t.untyped_storage()
         except (NotImplementedError, RuntimeError):  # sparse / nested tensors: no single storage

@@ -465,6 +465,7 @@ class FinetuneRecipe:
     def _setup_model_and_optimizer(self, model) -> None:
         cfg, launch = self.cfg, self.launch
         from grass_llm.layers import LayerDiscoveryError, discover_layers
+        from grass_llm.loss import chunked_loss_for
         from grass_llm.recipes.methods import MethodError, build_method, get_method
 
         self.method = get_method(cfg.method)
@@ -477,12 +478,12 @@ class FinetuneRecipe:
             from grass_llm.distributed import ReplicatedBackend
 
             backend = ReplicatedBackend(shard_optimizer_states=cfg.distributed.shard_optimizer_states)
-        if cfg.gradient_checkpointing:
-            self._enable_activation_checkpointing(model)
+        self._enable_activation_checkpointing(model)
         try:
             self.model, self.optimizer = build_method(model, cfg, backend)
         except MethodError as e:
             raise TrainInputError(str(e)) from None
+        self.loss_fn = chunked_loss_for(self.model) if cfg.chunked_loss else None
         # what the loop calls: the model, or its DDP wrapper (fft / lora / dora on several ranks)
         self.fwd = self.model
         if launch.distributed and not self.method.layer_wise:
@@ -498,12 +499,13 @@ class FinetuneRecipe:
         )
 
     def _enable_activation_checkpointing(self, model) -> None:
-        from grass_llm.activation_checkpointing import enable_gradient_checkpointing
+        from grass_llm.activation_checkpointing import apply_activation_checkpointing
 
+        mode = self.cfg.activation_checkpointing
         try:
-            enable_gradient_checkpointing(model)
+            apply_activation_checkpointing(model, mode, self.cfg.grass.layers)
         except TypeError as e:
-            raise TrainInputError(f"gradient_checkpointing=true: {e}") from None
+            raise TrainInputError(f"activation_checkpointing={mode}: {e}") from None
 
     def _setup_schedule(self) -> None:
         cfg = self.cfg
@@ -589,6 +591,8 @@ class FinetuneRecipe:
         """
         import torch
 
+        from grass_llm.loss import causal_lm_loss
+
         cfg, launch, device, opt = self.cfg, self.launch, self.device, self.optimizer
         t0 = time.perf_counter()
         micro = [launch.shard(self.batches.next()) for _ in range(cfg.grad_accum)]
@@ -608,9 +612,9 @@ class FinetuneRecipe:
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
             with self.no_sync() if i + 1 < len(micro) else contextlib.nullcontext():
-                out = self.fwd(**b, num_items_in_batch=n_items_t)
-                out.loss.backward()
-            loss_sum += out.loss.detach().float()
+                loss = causal_lm_loss(self.fwd, b, self.loss_fn, n_items_t, cfg.compact_activations)
+                loss.backward()
+            loss_sum += loss.detach().float()
         if not layer_wise and cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm

@@ -17,7 +17,7 @@ Built in:
 
 Where a new baseline goes: one :class:`Method` passed to :func:`register_method`. A layer-wise
 method is a ``GrassConfig`` preset (with a new sampling policy in ``grass_llm.sampling`` if it needs
-one); any other method gives its own ``build``.
+one); any other method gives its own ``optimizer`` (and ``wrap``, if it changes the model).
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ class Method:
             given in the config override them); ``None`` for other methods.
         grass_fixed: the settings that define the method (its sampling policy; LISA: no probing,
             embeddings and head trained). They win over any ``grass.*`` value given, with a warning.
-        build: ``(model, cfg, backend) -> (model, optimizer)``; may wrap the model (peft). ``None``
-            for layer-wise methods, which all build a ``GrassOptimizer`` from ``cfg.grass``.
+        wrap: ``(model, cfg) -> model``: what the method does to the model before the optimizer is built
+            (peft adapters); ``None``: nothing.
+        optimizer: ``(model, cfg) -> optimizer`` for the model's trainable parameters. ``None`` for
+            layer-wise methods, which all build a ``GrassOptimizer`` from ``cfg.grass``.
         adapters_only: checkpoints hold only the trainable parameters (adapters), not the model.
         save_final: ``(model, final_dir, cfg) -> (directory to load, description)``.
     """
@@ -66,7 +68,8 @@ class Method:
     default_lr: float
     grass: dict[str, Any] | None = None
     grass_fixed: dict[str, Any] = field(default_factory=dict)
-    build: Callable[..., tuple[nn.Module, torch.optim.Optimizer]] | None = None
+    wrap: Callable[[nn.Module, Any], nn.Module] | None = None
+    optimizer: Callable[[nn.Module, Any], torch.optim.Optimizer] | None = None
     adapters_only: bool = False
     save_final: Callable[[nn.Module, Path, Any], tuple[Path, str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -85,8 +88,8 @@ def register_method(method: Method) -> Method:
     """Add ``method`` to :data:`METHODS` (``grass-llm train method=<name>``); returns it."""
     if method.name in METHODS:
         raise ValueError(f"a method named {method.name!r} is already registered")
-    if (method.grass is None) == (method.build is None):
-        raise ValueError(f"method {method.name!r}: give exactly one of grass (layer-wise) and build")
+    if (method.grass is None) == (method.optimizer is None):
+        raise ValueError(f"method {method.name!r}: give exactly one of grass (layer-wise) and optimizer")
     METHODS[method.name] = method
     return method
 
@@ -100,34 +103,60 @@ def get_method(name: str) -> Method:
 
 
 def build_method(
-    model: nn.Module, cfg: TrainConfig, backend: DataParallelBackend | None = None
+    model: nn.Module,
+    cfg: TrainConfig,
+    backend: DataParallelBackend | str | None = "auto",
+    shard: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """``(model, optimizer)`` for ``cfg.method``; the model may come back wrapped (peft)."""
-    method = get_method(cfg.method)
-    if method.layer_wise:
-        from grass_llm.config import ConfigError
-        from grass_llm.optim import GrassOptimizer
+    """``(model, optimizer)`` for ``cfg.method``; the model may come back wrapped (peft).
 
-        try:
-            opt = GrassOptimizer(
-                model, cfg.grass, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, distributed=backend
-            )
-        except ConfigError as e:
-            raise MethodError(f"grass.{e}") from None
-        return model, opt
-    return method.build(model, cfg, backend)
+    ``shard`` (e.g. ``grass_llm.distributed.fsdp2.apply_fsdp2``) runs after the method's ``wrap`` and
+    before the optimizer is built over the (sharded) parameters. ``backend``: the layer-wise methods'
+    data-parallel backend (``GrassOptimizer``'s ``distributed``; ``"auto"`` picks FSDP2 for a sharded
+    model, one process otherwise unless a process group of several ranks is initialised).
+    """
+    method = get_method(cfg.method)
+    if method.wrap is not None:
+        model = method.wrap(model, cfg)
+    if shard is not None:
+        model = shard(model)
+    if not method.layer_wise:
+        return model, method.optimizer(model, cfg)
+    from grass_llm.config import ConfigError
+    from grass_llm.optim import GrassOptimizer
+
+    try:
+        opt = GrassOptimizer(
+            model, cfg.grass, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, distributed=backend
+        )
+    except ConfigError as e:
+        raise MethodError(f"grass.{e}") from None
+    return model, opt
 
 
 # ------------------------------------------------------------------------------------------------
 # builders
-def _adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+def _adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over the trainable parameters, with GrassOptimizer's weight-decay convention
+    (none on biases and norm weights) so that the baselines compare like for like; the fused kernel on
+    CUDA (what the HF Trainer uses by default: no temporaries the size of the model)."""
+    from grass_llm.optim import no_weight_decay_ids
+
+    no_decay = no_weight_decay_ids(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) not in no_decay]},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    fused = True if params and params[0].device.type == "cuda" else None
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
 
 
-def _build_fft(model: nn.Module, cfg: TrainConfig, backend: Any = None):
+def _fft_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     for p in model.parameters():
         p.requires_grad_(True)
-    return model, _adamw(list(model.parameters()), cfg)
+    return _adamw(model, cfg)
 
 
 def wrap_lora(
@@ -163,12 +192,11 @@ def wrap_lora(
     return model
 
 
-def _build_lora(model: nn.Module, cfg: TrainConfig, backend: Any = None):
+def _wrap_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     lo = cfg.lora
     model_dtype = next(model.parameters()).dtype
     dtype = {"model": model_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[lo.dtype]
-    model = wrap_lora(model, lo.rank, lo.alpha, lo.target_modules, lo.dropout, cfg.method == "dora", dtype)
-    return model, _adamw([p for p in model.parameters() if p.requires_grad], cfg)
+    return wrap_lora(model, lo.rank, lo.alpha, lo.target_modules, lo.dropout, cfg.method == "dora", dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,14 +252,20 @@ for _method in (
         save_final=_save_full,
     ),
     Method(
-        "fft", "full fine-tuning with AdamW", "every parameter", 1e-5, build=_build_fft, save_final=_save_full
+        "fft",
+        "full fine-tuning with AdamW",
+        "every parameter",
+        1e-5,
+        optimizer=_fft_optimizer,
+        save_final=_save_full,
     ),
     Method(
         "lora",
         "LoRA adapters (peft)",
         "low-rank adapters on lora.target_modules",
         1e-4,
-        build=_build_lora,
+        wrap=_wrap_lora,
+        optimizer=_adamw,
         adapters_only=True,
         save_final=_save_adapter,
     ),
@@ -240,7 +274,8 @@ for _method in (
         "DoRA adapters (peft)",
         "weight-decomposed low-rank adapters on lora.target_modules",
         1e-4,
-        build=_build_lora,
+        wrap=_wrap_lora,
+        optimizer=_adamw,
         adapters_only=True,
         save_final=_save_adapter,
     ),

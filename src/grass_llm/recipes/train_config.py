@@ -33,6 +33,7 @@ from grass_llm.config import ConfigError, GrassConfig
 from grass_llm.recipes.methods import METHODS, get_method
 
 __all__ = [
+    "CHECKPOINTING",
     "DTYPES",
     "SCHEDULES",
     "DistributedSection",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 DTYPES = ("auto", "bf16", "fp32")
+CHECKPOINTING = ("none", "full", "frozen")
 SCHEDULES = ("linear", "cosine", "constant")
 #: GrassConfig keys that follow from top-level keys (``policy`` follows from the method)
 _GRASS_FROM = {"max_grad_norm": "max_grad_norm", "seed": "seed"}
@@ -176,8 +178,28 @@ class TrainConfig:
         default=1.0,
         metadata=_help("Clip the gradient norm of the trained parameters (null: no clipping)."),
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata=_help("Recompute activations in backward to save memory.")
+    activation_checkpointing: str = field(
+        default="none",
+        metadata=_help(
+            "Recompute activations in backward to save memory: none; full (every decoder block, "
+            "non-reentrant); frozen (layer-wise methods: only the frozen blocks above the lowest trained "
+            "one, which pass the gradient on but train nothing; see grass_llm.checkpoint_frozen_blocks)."
+        ),
+    )
+    compact_activations: bool = field(
+        default=True,
+        metadata=_help(
+            "Store saved activations compactly with bit-identical gradients: exact fp32 upcasts of bf16 "
+            "tensors (RMSNorm) in bf16, SiLU/GELU outputs recomputed in backward "
+            "(grass_llm.activation_checkpointing.compact_saved_activations)."
+        ),
+    )
+    chunked_loss: bool = field(
+        default=True,
+        metadata=_help(
+            "Compute the cross-entropy in chunks of tokens without the full fp32 logits (grass_llm.loss; "
+            "same loss as the model's own). false: the model's own loss."
+        ),
     )
     seed: int = field(default=0, metadata=_help("Seed of the model init, data order, dropout and sampling."))
     device: str = field(default="auto", metadata=_help("auto (cuda if available), cpu, cuda, cuda:N."))
@@ -260,6 +282,7 @@ class TrainConfig:
         _choice("method", self.method, tuple(METHODS))
         _choice("dtype", self.dtype, DTYPES)
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         for name in ("model", "data"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TrainConfigError(
@@ -285,7 +308,13 @@ class TrainConfig:
             _positive("max_grad_norm", self.max_grad_norm)
         if self.packing and self.group_by_length:
             raise TrainConfigError("packing and group_by_length are both true; allowed: at most one of them")
-        for name in ("train_on_response_only", "packing", "group_by_length", "gradient_checkpointing"):
+        for name in (
+            "train_on_response_only",
+            "packing",
+            "group_by_length",
+            "chunked_loss",
+            "compact_activations",
+        ):
             _bool(name, getattr(self, name))
         _bool("tensorboard", self.tensorboard)
         _bool("plots", self.plots)
@@ -424,6 +453,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, construct: bool = True)
             close = difflib.get_close_matches(full, known, n=3, cutoff=0.6)
             if full.startswith("lisa."):  # the section of earlier versions
                 close = [f"grass.{full[5:]}"]
+            if full == "gradient_checkpointing":  # the key of earlier versions
+                close = ["activation_checkpointing=full"]
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise TrainConfigError(
                 f"unknown config key {full!r}{hint} (run `grass-llm train -h` for the list)"

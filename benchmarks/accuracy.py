@@ -3,8 +3,10 @@ paired accuracy study of GRASS against GRASS-uniform, GRASS*, LISA, LoRA, FFT an
 
 Commands (the committed results, ``benchmarks/results/accuracy/``)::
 
-    nice -n 10 python benchmarks/accuracy.py --workers 2                       # main study (accuracy.md)
-    nice -n 10 python benchmarks/accuracy.py --workers 2 --study sensitivity   # sensitivity.md
+    nice -n 10 python benchmarks/accuracy.py --workers 1 --seeds 6                       # main study (accuracy.md)
+    nice -n 10 python benchmarks/accuracy.py --workers 1 --seeds 6 --study sensitivity   # sensitivity.md
+
+(6 test seeds: the protocol's amendment for the compute limit, see benchmarks/README.md.)
 
 The protocol (model, tasks, methods, LR selection, seeds, the primary comparison and how it is
 judged) is written in ``benchmarks/README.md`` ("Accuracy"), fixed before the committed runs.
@@ -27,36 +29,34 @@ from __future__ import annotations
 
 import os
 
-#: CPU numerics pinned before torch loads, so that machines of one kind (x86-64, AVX2 or better)
-#: compute the same bits: ATen's kernels at the AVX2 width (AVX-512 ones sum in another order) and
-#: MKL's AVX2 code path in its strict reproducible mode (independent of memory alignment).
-CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+from cpu_numerics import CPU_NUMERICS, pin
+
 if __name__ == "__main__":
-    os.environ.update(CPU_NUMERICS)
+    pin()  # before torch loads
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import multiprocessing  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable, Iterable  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import platform
+import random
+import re
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
-import torch  # noqa: E402
-from accuracy_tasks import (  # noqa: E402
+import torch
+from accuracy_tasks import (
     ATTRIBUTES,
     FACTS,
     TASK_INFO,
@@ -71,12 +71,12 @@ from accuracy_tasks import (  # noqa: E402
     unknown_tokens,
     world,
 )
-from common import REPO_ROOT, clip, command_line, count_params, hardware, load_average, make_method  # noqa: E402
+from common import REPO_ROOT, clip, command_line, count_params, hardware, load_average, make_method
 
-from grass_llm.evaluate import NUMBER_TOLERANCE, extract_choice, extract_number, greedy_generate  # noqa: E402
-from grass_llm.recipes.methods import METHODS as REGISTRY  # noqa: E402
-from grass_llm.recipes.methods import Method, register_method  # noqa: E402
-from grass_llm.schedule import LRSchedule, resolve_warmup  # noqa: E402
+from grass_llm.evaluate import NUMBER_TOLERANCE, extract_choice, extract_number, greedy_generate
+from grass_llm.recipes.methods import METHODS as REGISTRY
+from grass_llm.recipes.methods import Method, register_method
+from grass_llm.schedule import LRSchedule, resolve_warmup
 
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy"
 CACHE = REPO_ROOT / "runs" / "bench" / "accuracy"

@@ -43,6 +43,29 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     assert {"grass", "no-mgn", "probe"} <= set(res["overhead"])
 
 
+@pytest.mark.skipif(not (BENCH / "bf16_updates.py").exists(), reason="no benchmarks/")
+def test_bf16_updates_smoke(tmp_path: Path) -> None:
+    """The bf16 update benchmark runs on the accuracy study's pretrained model (pretrained into an empty
+    cache here) and writes one row per variant and learning rate."""
+    proc = _run("bf16_updates.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "bf16_updates.md").read_text()
+    assert "SMOKE RUN" in md and "weights sha256" in md
+    for row in (
+        "| fp32 |",
+        "| bf16 nearest |",
+        "| bf16 kahan |",
+        "| bf16 stochastic |",
+        "| bf16 fp32-master |",
+    ):
+        assert md.count(row) == 2, row  # one per learning rate
+    res = json.loads((tmp_path / "bf16_updates.json").read_text())
+    fp32 = [r for r in res["runs"] if r["name"] == "fp32"]
+    assert len(res["runs"]) == 10 and all(r["update_error"] == 0.0 for r in fp32)
+    assert all(0.0 <= r["changed_after_all"] <= 1.0 for r in res["runs"])
+    assert list((tmp_path / "cache").rglob("pretrained-*.pt")), "the pretrained model is cached"
+
+
 # ------------------------------------------------------------------------------------------------
 # the commands the docs list use real flags and settings keys
 DOCS = [BENCH.parent / "docs" / "reproduce.md", BENCH / "README.md"]

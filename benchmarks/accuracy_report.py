@@ -65,6 +65,15 @@ def _header(res: dict[str, Any], title: str) -> list[str]:
             else []
         ),
         f"- wall time: {res['wall_seconds'] / 60:.1f} min"
+        + (
+            " (the longest of processes run side by side, one per task subset: "
+            + ", ".join(
+                f"{'+'.join(m['tasks'])} {m['wall_seconds'] / 60:.1f} min" for m in res["merged_from"]
+            )
+            + ")"
+            if res.get("merged_from")
+            else ""
+        )
         + ("" if pre.get("cached") is not False else f" + pretraining {pre['seconds'] / 60:.1f} min")
         + " (the machine was shared: see the load average above)",
         "",
@@ -382,14 +391,75 @@ def plot_main(res: dict[str, Any], out: Path) -> list[str]:
     return files
 
 
+def merge_main(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One main-study result from runs of disjoint task subsets (``--tasks arith`` and ``--tasks common``
+    run side by side to halve the wall time). Every run and every LR choice depends on its own task and
+    method alone, so the merge holds the numbers one run over both tasks gives; it refuses parts that
+    differ in anything but the tasks (settings, starting weights, numerics, commit)."""
+    first = parts[0]
+    same = {
+        "settings": lambda r: {k: v for k, v in r["settings"].items() if k != "tasks"},
+        "weights": lambda r: r["pretrain"]["weights_sha256"],
+        "numerics": lambda r: r["numerics"],
+        "commit": lambda r: (r["hardware"]["git_commit"], r["hardware"].get("git_uncommitted")),
+        "comparisons": lambda r: r["comparisons"],
+        "smoke": lambda r: r["smoke"],
+    }
+    for part in parts[1:]:
+        for what, get in same.items():
+            if get(part) != get(first):
+                raise ValueError(f"cannot merge: the parts differ in {what}")
+    tasks = [t for part in parts for t in part["settings"]["tasks"]]
+    if len(tasks) != len(set(tasks)):
+        raise ValueError(f"cannot merge: a task is in two parts ({tasks})")
+    loads = [part["hardware"] for part in parts if "load_avg_mean" in part["hardware"]]
+    hw = dict(first["hardware"])
+    if loads:
+        hw["load_avg_min"] = min(h["load_avg_min"] for h in loads)
+        hw["load_avg_max"] = max(h["load_avg_max"] for h in loads)
+        hw["load_avg_mean"] = round(statistics.fmean(h["load_avg_mean"] for h in loads), 2)
+    hw["workers"] = sum(part["hardware"]["workers"] for part in parts)
+    return {
+        **first,
+        "command": "\n    ".join(f"{part['command']}  # {part['hardware']['date_utc']}" for part in parts),
+        "hardware": hw,
+        "settings": {**first["settings"], "tasks": tasks},
+        "base": {k: v for part in parts for k, v in part["base"].items()},
+        "skipped": {k: v for part in parts for k, v in part["skipped"].items()},
+        "selection": [row for part in parts for row in part["selection"]],
+        "runs": [run for part in parts for run in part["runs"]],
+        "wall_seconds": max(part["wall_seconds"] for part in parts),  # side by side
+        "merged_from": [
+            {
+                "command": part["command"],
+                "tasks": part["settings"]["tasks"],
+                "wall_seconds": part["wall_seconds"],
+            }
+            for part in parts
+        ],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Re-render the reports and plots of a results directory from its JSON (no runs)."""
+    """Re-render the reports and plots of a results directory from its JSON (no runs); with --merge,
+    first write its accuracy.json from the accuracy.json files of runs over disjoint task subsets."""
     import argparse
     import json
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("out", type=Path, help="results directory (holding accuracy.json / sensitivity.json)")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="accuracy.json files of main-study runs over disjoint --tasks (same commit and settings)",
+    )
     args = p.parse_args(argv)
+    if args.merge:
+        merged = merge_main([json.loads(f.read_text()) for f in args.merge])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "accuracy.json").write_text(json.dumps(merged, indent=1) + "\n")
     if (args.out / "accuracy.json").exists():
         res = json.loads((args.out / "accuracy.json").read_text())
         res["plots"] = plot_main(res, args.out)

@@ -99,3 +99,46 @@ def test_accuracy_smoke_skips_badam_row_without_the_package(smoke: dict[str, Pat
     md = (smoke["b"] / "accuracy.md").read_text()
     assert "Skipped: badam-pkg: package badam not installed" in md
     assert "| BAdam (badam pkg) |" not in md
+
+
+def test_accuracy_split_by_task_merges_to_the_same_numbers(smoke: dict[str, Path], tmp_path: Path) -> None:
+    """The main study run as one process per task (side by side, for the wall time) and merged by
+    ``accuracy_report.py --merge`` gives the numbers of one run over both tasks."""
+    parts = []
+    for task in ("arith", "common"):
+        d = tmp_path / task
+        cmd = [sys.executable, str(SCRIPT), "--smoke", "--tasks", task, "--out", str(d)]
+        cmd += ["--cache", str(smoke["a"] / "cache")]  # the model pretrained by run a
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        parts.append(str(d / "accuracy.json"))
+    merged = tmp_path / "merged"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "accuracy_report.py"), str(merged), "--merge", *parts],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((smoke["a"] / "accuracy.json").read_text())
+    m = json.loads((merged / "accuracy.json").read_text())
+    assert _numbers(m) == _numbers(a)
+    md = (merged / "accuracy.md").read_text()
+    assert "## Task arith" in md and "## Task common" in md and "one per task subset" in md
+    assert "--tasks arith" in md and "--tasks common" in md
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "accuracy_report.py"),
+            str(tmp_path / "bad"),
+            "--merge",
+            parts[0],
+            parts[0],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "a task is in two parts" in proc.stderr

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts: each runs in its tiny ``--smoke`` mode and writes its table.
 
 They check the scripts run end to end and produce well-formed Markdown + JSON, not the numbers.
+The accuracy study has its own file, ``test_accuracy_benchmark.py`` (smoke + determinism).
 """
 
 from __future__ import annotations
@@ -53,16 +54,26 @@ def test_memory_fsdp2_smoke(tmp_path: Path) -> None:
     assert "FSDP2 x8 (per rank)" in (tmp_path / "memory_fsdp2_smoke.md").read_text()
 
 
-@pytest.mark.skipif(not (BENCH / "accuracy.py").exists(), reason="no benchmarks/")
-def test_accuracy_smoke(tmp_path: Path) -> None:
-    proc = _run("accuracy.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"))
+@pytest.mark.skipif(not (BENCH / "bf16_updates.py").exists(), reason="no benchmarks/")
+def test_bf16_updates_smoke(tmp_path: Path) -> None:
+    """The bf16 update benchmark runs on the accuracy study's pretrained model (pretrained into an empty
+    cache here) and writes one row per variant and learning rate."""
+    proc = _run("bf16_updates.py", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    md = (tmp_path / "accuracy.md").read_text()
-    assert "SMOKE RUN" in md
-    for method in ("fft", "lora", "lisa", "grass", "grass-static"):
-        assert f"| {method} |" in md
-    res = json.loads((tmp_path / "accuracy.json").read_text())
-    assert len(res["runs"]) == 5 and all(0 <= r["accuracy"] <= 100 for r in res["runs"])
+    md = (tmp_path / "bf16_updates.md").read_text()
+    assert "SMOKE RUN" in md and "weights sha256" in md
+    for row in (
+        "| fp32 |",
+        "| bf16 nearest |",
+        "| bf16 kahan |",
+        "| bf16 stochastic |",
+        "| bf16 fp32-master |",
+    ):
+        assert md.count(row) == 2, row  # one per learning rate
+    res = json.loads((tmp_path / "bf16_updates.json").read_text())
+    fp32 = [r for r in res["runs"] if r["name"] == "fp32"]
+    assert len(res["runs"]) == 10 and all(r["update_error"] == 0.0 for r in fp32)
+    assert all(0.0 <= r["changed_after_all"] <= 1.0 for r in res["runs"])
     assert list((tmp_path / "cache").rglob("pretrained-*.pt")), "the pretrained model is cached"
 
 

@@ -183,6 +183,32 @@ def test_examples_run(script, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_readme_fsdp2_commands_run(tmp_path):
+    """The README's FSDP2 block: the torchrun line on 2 CPU processes with the demo settings (run.yaml
+    stands for the user's config), and the per-rank memory estimate on a tiny config."""
+    block = next(b for b in _blocks("bash") if "distributed.strategy=fsdp2" in b)
+    train_line, memory_line = [line for line in block.strip().splitlines() if line.strip()]
+    words = shlex.split(train_line)
+    words[words.index("--nproc_per_node") + 1] = "2"
+    i = words.index("--config")
+    words[i : i + 2] = ["max_steps=6", "save_every=3", "plots=false", "tensorboard=false", "eval_heldout=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "demo" / "checkpoints" / "step-000006" / "sharded" / ".metadata").is_file()
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=256
+    ).save_pretrained(tmp_path / "cfg")
+    args = shlex.split(memory_line.replace("path/to/config.json", str(tmp_path / "cfg" / "config.json")))
+    proc = _cli([*args[1:], "--seq-len", "32", "--json", str(tmp_path / "mem.json")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "mem.json").read_text())
+    assert {r["method"] for r in rows} == {"grass", "fft", "lora"} and all(r["world_size"] == 8 for r in rows)
+
+
 def test_readme_torchrun_command_runs_on_two_cpu_processes(tmp_path):
     """The README's torchrun line with 2 processes and the demo settings (the TinyLlama config needs a GPU)."""
     line = next(b for b in _blocks("bash") if b.startswith("torchrun")).strip()

@@ -43,6 +43,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+class RandomTokens(torch.utils.data.Dataset):
+    """``n`` fixed random sequences of ``length`` token ids below ``vocab`` (labels = inputs): a dataset for
+    the Hugging Face Trainer tests."""
+
+    def __init__(self, n: int = 32, length: int = 12, vocab: int = 64) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+
+
 def make_tiny_llama(num_layers: int = 4, vocab: int = 64, hidden: int = 16, tie: bool = False, seed: int = 0):
     """A random Llama small enough for many CPU steps a second."""
     from grass_llm.recipes.models import tiny_llama

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import RandomTokens, make_tiny_llama
 from torch.testing import assert_close
 
 from grass_llm import GrassConfig, GrassOptimizer, LayerDiscoveryError, discover_layers
@@ -455,14 +455,6 @@ def test_trainer_on_cuda_with_offload(tmp_path, precision):
     transformers = pytest.importorskip("transformers")
     from grass_llm.integrations.hf import create_grass_optimizer_and_scheduler
 
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return 32
-
-        def __getitem__(self, i):
-            x = batches(1, bs=1, seed=i)[0][0]
-            return {"input_ids": x, "labels": x.clone()}
-
     model = make_tiny_llama(num_layers=4)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), report_to=[], save_strategy="no", per_device_train_batch_size=4,
@@ -470,7 +462,9 @@ def test_trainer_on_cuda_with_offload(tmp_path, precision):
     )  # fmt: skip
     cfg = GrassConfig(active_layers=2, period=2, probe_steps=2, offload=True)
     opt, sched = create_grass_optimizer_and_scheduler(model, args, grass_config=cfg)
-    transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, sched)).train()
+    transformers.Trainer(
+        model=model, args=args, train_dataset=RandomTokens(), optimizers=(opt, sched)
+    ).train()
     assert opt.offloader is not None and not opt.probing
     assert torch.isfinite(opt.importance).all() and (opt.importance > 0).all()
     assert opt.global_step + opt.skipped_steps == 8

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import RandomTokens, make_tiny_llama
 from torch.testing import assert_close
 
 from grass_llm import GrassConfig, GrassOptimizer
@@ -20,20 +20,6 @@ from grass_llm.integrations.hf import (  # noqa: E402
     add_grass_callback,
     create_grass_optimizer_and_scheduler,
 )
-
-VOCAB = 64
-
-
-class _RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int = 32, length: int = 12) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(0, VOCAB, (n, length), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
 
 
 def params_of(model):
@@ -75,7 +61,7 @@ def test_trainer_trains_only_sampled_layers_and_logs_grass_state(tmp_path):
             seen.append(opt.active_layers)
 
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=_RandomTokens(), optimizers=(opt, sched), callbacks=[Spy()]
+        model=model, args=args, train_dataset=RandomTokens(), optimizers=(opt, sched), callbacks=[Spy()]
     )
     add_grass_callback(trainer)
     with warnings.catch_warnings():
@@ -118,7 +104,7 @@ def test_callback_reaches_reporters_when_added_first(tmp_path):
     trainer = transformers.Trainer(
         model=model,
         args=args,
-        train_dataset=_RandomTokens(8),
+        train_dataset=RandomTokens(8),
         optimizers=(opt, sched),
         callbacks=[Reporter()],
     )
@@ -137,7 +123,7 @@ def test_trainer_clipping_does_not_change_the_mgn(tmp_path):
         cfg = GrassConfig(active_layers=2, period=1, probe_steps=1, ema=1.0)
         opt, sched = create_grass_optimizer_and_scheduler(model, args, grass_config=cfg)
         transformers.Trainer(
-            model=model, args=args, train_dataset=_RandomTokens(), optimizers=(opt, sched)
+            model=model, args=args, train_dataset=RandomTokens(), optimizers=(opt, sched)
         ).train()
         results[clip] = (opt.importance, params_of(model))
     # the same weights and batches until the first update: the same observations (ema=1: the MGN of a
@@ -156,7 +142,7 @@ def test_trainer_resume_from_checkpoint_equals_uninterrupted(tmp_path):
         cfg = GrassConfig(active_layers=1, period=3, probe_steps=2)
         opt, sched = create_grass_optimizer_and_scheduler(model, args, grass_config=cfg)
         return transformers.Trainer(
-            model=model, args=args, train_dataset=_RandomTokens(64), optimizers=(opt, sched)
+            model=model, args=args, train_dataset=RandomTokens(64), optimizers=(opt, sched)
         ), opt
 
     full = make_tiny_llama(num_layers=4)
@@ -188,7 +174,7 @@ def test_trainer_accumulation_probes_the_accumulated_gradient(tmp_path):
         model, args, grass_config=GrassConfig(active_layers=1, probe_steps=5)
     )
     transformers.Trainer(
-        model=model, args=args, train_dataset=_RandomTokens(), optimizers=(opt, sched)
+        model=model, args=args, train_dataset=RandomTokens(), optimizers=(opt, sched)
     ).train()
     expected = []
     for layer in model.model.layers:
@@ -212,7 +198,7 @@ def test_trainer_skips_and_logs_non_finite_steps(tmp_path):
             model.lm_head.weight.data[0, 0] = float("nan") if state.global_step == 3 else 0.0
 
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=_RandomTokens(), optimizers=(opt, sched), callbacks=[Poison()]
+        model=model, args=args, train_dataset=RandomTokens(), optimizers=(opt, sched), callbacks=[Poison()]
     )
     add_grass_callback(trainer)
     with pytest.warns(RuntimeWarning, match="skipped a step: non-finite gradients"):

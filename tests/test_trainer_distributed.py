@@ -15,24 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import RandomTokens, make_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 STEPS = 6
-VOCAB = 64
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int = 64, length: int = 12) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(0, VOCAB, (n, length), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
 
 
 def run(out: Path, batch: int, probe_steps: int, count=None):
@@ -56,7 +43,9 @@ def run(out: Path, batch: int, probe_steps: int, count=None):
     )
     cfg = GrassConfig(active_layers=2, period=2, probe_steps=probe_steps, seed=3, train_head=True)
     opt, sched = create_grass_optimizer_and_scheduler(model, args, grass_config=cfg)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, sched))
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=RandomTokens(64), optimizers=(opt, sched)
+    )
     ddp_buckets = [0]
     prepare = trainer.accelerator.prepare_model
 

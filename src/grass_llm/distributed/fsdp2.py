@@ -47,7 +47,15 @@ from torch import nn
 
 from grass_llm.distributed.base import DataParallelBackend
 
-__all__ = ["FSDP2Backend", "apply_fsdp2", "fsdp_root", "is_fsdp2_model", "local_tensor"]
+__all__ = [
+    "FSDP2Backend",
+    "apply_fsdp2",
+    "fsdp_root",
+    "is_fsdp2_model",
+    "like_param",
+    "local_tensor",
+    "shard_of",
+]
 
 
 def _dtensor_cls():
@@ -59,6 +67,22 @@ def _dtensor_cls():
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor; any other tensor as it is."""
     return tensor.to_local() if isinstance(tensor, _dtensor_cls()) else tensor
+
+
+def shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``full``, a tensor the shape of the DTensor ``param``, sharded like it; a copy
+    (some torch versions return a view that keeps the whole tensor alive)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(param.to_local().device)
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local().clone()
+
+
+def like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard ``local`` as a DTensor sharded like the DTensor ``param``."""
+    return _dtensor_cls().from_local(
+        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
 
 
 def apply_fsdp2(model: nn.Module, layers: Any = None, mesh: Any = None) -> nn.Module:
@@ -190,22 +214,12 @@ class FSDP2Backend(DataParallelBackend):
     # optimizer states: sharded like their parameters
     def export_state(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a state -> a DTensor sharded like ``param``."""
-        DTensor = _dtensor_cls()
-        if not isinstance(param, DTensor) or value.dim() == 0:
+        if not isinstance(param, _dtensor_cls()) or value.dim() == 0:
             return value
-        return DTensor.from_local(
-            value,
-            param.device_mesh,
-            param.placements,
-            run_check=False,
-            shape=param.shape,
-            stride=param.stride(),
-        )
+        return like_param(value, param)
 
     def import_state(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """A saved state (DTensor of any sharding, full tensor, or this rank's shard) -> this rank's shard."""
-        from torch.distributed.tensor import distribute_tensor
-
         DTensor = _dtensor_cls()
         if not isinstance(param, DTensor) or value.dim() == 0:
             return value
@@ -213,13 +227,7 @@ class FSDP2Backend(DataParallelBackend):
             return value.redistribute(param.device_mesh, param.placements).to_local()
         local_shape = param.to_local().shape
         if value.shape == param.shape:
-            value = value.to(param.to_local().device)
-            # (a copy: some torch versions return a view that keeps the whole tensor alive)
-            return (
-                distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
-                .to_local()
-                .clone()
-            )
+            return shard_of(value, param)
         if value.shape == local_shape:
             return value
         raise ValueError(

@@ -105,14 +105,9 @@ def shard_like_params(optimizer_state: dict[str, Any], optimizer: Any) -> dict[s
     """A ``torch.optim`` state dict of full tensors (saved by an unsharded run) with every state the
     shape of its parameter distributed like that parameter (a DTensor under FSDP2), so that the
     optimizer of a sharded model can load it. Other states (the step count) are left as they are."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
-    def shard(v: torch.Tensor, p: DTensor) -> DTensor:
-        # this rank's shard as a copy (some torch versions return a view of the whole tensor)
-        local = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
-        return DTensor.from_local(
-            local.clone(), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-        )
+    from grass_llm.distributed.fsdp2 import like_param, shard_of
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     state = {}
@@ -120,7 +115,7 @@ def shard_like_params(optimizer_state: dict[str, Any], optimizer: Any) -> dict[s
         p = params[int(i)]
         if isinstance(p, DTensor):
             st = {
-                k: shard(v, p)
+                k: like_param(shard_of(v, p), p)
                 if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == p.shape
                 else v
                 for k, v in st.items()

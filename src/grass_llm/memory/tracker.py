@@ -98,22 +98,7 @@ class LiveBytesTracker(TorchDispatchMode):
     def resized(self, t: torch.Tensor) -> None:
         """Re-read the size of ``t``'s storage after it was resized in place (FSDP2 frees and
         re-allocates its unsharded parameters with ``untyped_storage().resize_``, which no op shows)."""
-        t = self._local(t)
-        if self.device is not None and t.device.type != self.device.type:
-            return
-        st = t.untyped_storage()
-        entry = self._entries.get(st)
-        if entry is None:
-            self._add(t, self.category, retag=False)
-            return
-        nbytes = -(-st.nbytes() // self.round_to) * self.round_to
-        if nbytes < entry.nbytes:
-            self._snapshot_if_pending()
-        self.current += nbytes - entry.nbytes
-        entry.nbytes = nbytes
-        if self.current > self.peak:
-            self.peak = self.current
-            self._peak_pending = True
+        self._add(t, self.category, retag=False, resized=True)
 
     def __enter__(self):
         out = super().__enter__()
@@ -179,7 +164,7 @@ class LiveBytesTracker(TorchDispatchMode):
         local = getattr(t, "_local_tensor", None)
         return local if isinstance(local, torch.Tensor) else t
 
-    def _add(self, t: torch.Tensor, category: str, retag: bool) -> None:
+    def _add(self, t: torch.Tensor, category: str, retag: bool, resized: bool = False) -> None:
         t = self._local(t)
         if self.device is not None and t.device.type != self.device.type:
             return
@@ -191,15 +176,27 @@ class LiveBytesTracker(TorchDispatchMode):
         if entry is not None:
             if retag:
                 entry.category = category
+            if resized:
+                nbytes = self._rounded(st)
+                self._count(nbytes - entry.nbytes)
+                entry.nbytes = nbytes
             return
-        nbytes = st.nbytes()
-        nbytes = -(-nbytes // self.round_to) * self.round_to
+        nbytes = self._rounded(st)
         entry = _Entry(nbytes, category)
         self._entries[st] = entry
         key = id(entry)
         self._refs[key] = weakref.ref(st, partial(self._on_free, key))
         self._live[key] = entry
-        self.current += nbytes
+        self._count(nbytes)
+
+    def _rounded(self, storage: torch.UntypedStorage) -> int:
+        return -(-storage.nbytes() // self.round_to) * self.round_to
+
+    def _count(self, delta: int) -> None:
+        """Live bytes change by ``delta``; the live set is snapshotted before the first drop after a peak."""
+        if delta < 0:
+            self._snapshot_if_pending()
+        self.current += delta
         if self.current > self.peak:
             self.peak = self.current
             self._peak_pending = True
@@ -208,10 +205,9 @@ class LiveBytesTracker(TorchDispatchMode):
         entry = self._live.get(key)
         if entry is None:
             return
-        self._snapshot_if_pending()
+        self._count(-entry.nbytes)  # (snapshots the live set, this entry included, after a peak)
         del self._live[key]
         self._refs.pop(key, None)
-        self.current -= entry.nbytes
 
     def _snapshot_if_pending(self) -> None:
         # The live set is copied only at a local maximum (just before the first free after a new

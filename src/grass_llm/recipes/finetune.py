@@ -873,11 +873,11 @@ class FinetuneRecipe:
 
         return [n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
-    def _weights_nonfinite(self) -> list[str]:
-        """Names of saved tensors that are not finite (under FSDP2 a collective: each rank checks its
-        shards)."""
+    def _weights_nonfinite(self, model_state: dict[str, Any] | None = None) -> list[str]:
+        """Names of saved tensors that are not finite (``model_state``: ``_model_state()`` if already
+        taken); under FSDP2 a collective: each rank checks its shards."""
         if not self.fsdp:
-            return self._nonfinite(self._model_state())
+            return self._nonfinite(self._model_state() if model_state is None else model_state)
         from grass_llm.distributed.fsdp2 import local_tensor
 
         bad = self._nonfinite({n: local_tensor(t) for n, t in self.model.state_dict().items()})
@@ -1070,7 +1070,7 @@ class FinetuneRecipe:
         from grass_llm.recipes.run_checkpoint import checkpoint_path, rng_state, save_checkpoint
 
         model_state = None if self.fsdp else self._model_state()
-        bad = self._weights_nonfinite() if self.fsdp else self._nonfinite(model_state)
+        bad = self._weights_nonfinite(model_state)
         if bad:
             n = len(self.model.state_dict()) if model_state is None else len(model_state)
             raise TrainFailed(
@@ -1091,19 +1091,21 @@ class FinetuneRecipe:
         path = checkpoint_path(self.run_dir, self.step)
         self.phase = f"saving the checkpoint of step {self.step}"
         if self.fsdp:
-            return self._save_sharded_checkpoint(state)
-        payload = {"model": model_state, "optimizer": self.optimizer.state_dict(), "state": state}
-        if self.launch.is_main:
-            try:
-                path = save_checkpoint(self.run_dir, self.step, payload, config_yaml(self.cfg, self.history))
-            except OSError as e:
-                raise TrainFailed(f"cannot write the checkpoint {path}: {e}. {self._kept()}") from None
+            self._save_sharded_checkpoint(state)
+        else:
+            # (on every rank: with ZeRO-1 the optimizer's state_dict() is a collective)
+            payload = {"model": model_state, "optimizer": self.optimizer.state_dict(), "state": state}
+            if self.launch.is_main:
+                try:
+                    save_checkpoint(self.run_dir, self.step, payload, config_yaml(self.cfg, self.history))
+                except OSError as e:
+                    raise TrainFailed(f"cannot write the checkpoint {path}: {e}. {self._kept()}") from None
         self.launch.barrier()  # invariant: no rank goes on (or exits) before the checkpoint is complete
         self.last_ckpt = path
         self.save_pending = False
         return path
 
-    def _save_sharded_checkpoint(self, state: dict[str, Any]) -> Path:
+    def _save_sharded_checkpoint(self, state: dict[str, Any]) -> None:
         """Every rank writes its shards into ``step-N.tmp/sharded`` (torch.distributed.checkpoint), then
         rank 0 adds ``state.pt``, the manifest of every rank's files and the marker, and renames it into
         place: a rank killed at any moment leaves every earlier checkpoint as it was."""
@@ -1118,7 +1120,6 @@ class FinetuneRecipe:
         )
 
         launch = self.launch
-        path = None
         try:
             tmp = begin_checkpoint(self.run_dir, self.step, create=launch.is_main)
             launch.barrier()  # invariant: the empty step-N.tmp exists before any rank writes into it
@@ -1132,17 +1133,11 @@ class FinetuneRecipe:
                     raise OSError(f"ranks {missing} wrote no shard into {tmp / SHARDED_DIR}")
                 known = {k: v for d in digests for k, v in d.items()}
                 yaml = config_yaml(self.cfg, self.history)
-                path = finish_checkpoint(self.run_dir, self.step, tmp, {"state": state}, yaml, known)
+                finish_checkpoint(self.run_dir, self.step, tmp, {"state": state}, yaml, known)
         except (OSError, CheckpointException) as e:
             raise TrainFailed(
                 f"cannot write the checkpoint of step {self.step}: {e}. {self._kept()}"
             ) from None
-        launch.barrier()  # invariant: no rank goes on (or exits) before the checkpoint is complete
-        from grass_llm.recipes.run_checkpoint import checkpoint_path
-
-        self.last_ckpt = path or checkpoint_path(self.run_dir, self.step)
-        self.save_pending = False
-        return self.last_ckpt
 
     def _kept(self) -> str:
         if self.last_ckpt is None:

@@ -468,3 +468,95 @@ def test_trainer_on_cuda_with_offload(tmp_path, precision):
     assert opt.offloader is not None and not opt.probing
     assert torch.isfinite(opt.importance).all() and (opt.importance > 0).all()
     assert opt.global_step + opt.skipped_steps == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimizer follows its model to another device
+
+
+def _tensors(obj, path="opt", seen=None):
+    """(path, tensor) for every tensor reachable from ``obj`` through attributes, dicts, lists and the
+    project's own objects (the offloader, tracker, sampler, backend), parameters of the model excluded."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        return
+    if isinstance(obj, torch.Tensor):
+        if not isinstance(obj, torch.nn.Parameter) or path.startswith("opt.loss_scale_probe"):
+            yield path, obj
+        if obj.grad is not None:
+            yield from _tensors(obj.grad, path + ".grad", seen)
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{path}[{k!r}]" if not isinstance(k, torch.Tensor) else f"{path}[param]", seen)
+        return
+    if isinstance(obj, (list, tuple, set)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{path}[{i}]", seen)
+        return
+    if type(obj).__module__.startswith("grass_llm") or type(obj).__name__.startswith("_"):
+        for k, v in getattr(obj, "__dict__", {}).items():
+            yield from _tensors(v, f"{path}.{k}", seen)
+
+
+#: tensors kept on the host by design: torch.optim's step counters, the host copies the sampler reads once
+#: a period, the offloader's host buffers
+_HOST_BY_DESIGN = ("['step']", "importance_tracker.mgn", "sampler.", "offloader._units", "_offloader._units")
+
+
+def _misplaced(opt, device):
+    return [
+        (path, str(t.device))
+        for path, t in _tensors(opt)
+        if t.device.type != device and not any(k in path for k in _HOST_BY_DESIGN)
+    ]
+
+
+def _move(model, device):
+    """``model.to(device)`` keeping the Parameter objects, as a move to a GPU does (CPU -> meta would
+    replace them, their tensor types differ; swapping on conversion keeps them, but drops their
+    gradient hooks: only forward passes are run after this move)."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_optimizer_follows_the_model_to_another_device(offload, one_thread):
+    """Built on the CPU, the model then moved (the HF Trainer's order, accelerate's and many loops'): every
+    tensor the optimizer keeps must follow at the next forward pass (on a CPU-only machine the other device
+    is ``meta``; tests/test_ecosystem.py's CUDA tests train after a real move). With offload the model moves
+    during probing, when no state exists yet, and the offloader is rebuilt for the new device; without, it
+    moves after training steps and the AdamW states follow."""
+    model = make_tiny_llama(num_layers=4)
+    cfg = GrassConfig(active_layers=2, period=50, probe_steps=5 if offload else 1, offload=offload)
+    opt = GrassOptimizer(model, cfg, lr=1e-2)
+    for ids in batches(1 if offload else 3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.probing == offload and (offload or opt.state)
+    assert (opt.offloader is not None) == offload
+    assert _misplaced(opt, "cpu") == []
+    _move(model, "meta")
+    with torch.no_grad():
+        model(input_ids=batches(1)[0].to("meta"))
+    assert _misplaced(opt, "meta") == []
+    assert not offload or opt.offloader.device.type == "meta"
+
+
+def test_moving_the_model_inside_a_step_is_refused(one_thread):
+    model = make_tiny_llama(num_layers=2)
+    opt = GrassOptimizer(model, GrassConfig(active_layers=1, probe_steps=0), lr=1e-2)
+    ids = batches(1)[0]
+    with opt.no_sync():
+        model(input_ids=ids, labels=ids).loss.backward()
+    _move(model, "meta")
+    with pytest.raises(RuntimeError, match="in the middle of an optimizer step"):
+        opt.step()

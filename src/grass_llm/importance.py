@@ -52,6 +52,12 @@ class ImportanceTracker:
         for layer in layers:
             self._period_count[layer] += 1
 
+    def to(self, device: torch.device | str) -> None:
+        """Keep the on-device accumulators on ``device`` from now on (the model was moved)."""
+        self.device = torch.device(device)
+        self._numel = self._numel.to(self.device)
+        self._period_sum = self._period_sum.to(self.device)
+
     # -- period boundaries (one host transfer each) ---------------------------------------------
     def period_mean(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean observation per layer, mask of layers observed) for the current period, on the host."""

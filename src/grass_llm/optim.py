@@ -265,7 +265,7 @@ class GrassOptimizer(torch.optim.Optimizer):
             fused=None,
             decoupled_weight_decay=True,
         )
-        device = next(iter(self.groups.block_params[0])).device
+        device = self._device = self._params_device()
         param_groups: list[dict[str, Any]] = []
         for i, params in enumerate(self.groups.block_params):
             param_groups.append({"params": params, "unit": f"layer.{i}", "layer": i})
@@ -485,6 +485,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         if self.closed:
             return
         if not self._in_backward:
+            self._follow_device()
             self._on_backward_start()
         if self.probing:
             self._probe_grad(p)
@@ -605,6 +606,7 @@ class GrassOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.closed:
             raise RuntimeError("this GrassOptimizer is closed (close(), or another one took over its model)")
+        self._follow_device()
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step (module docstring)
         found_inf = getattr(self, "found_inf", None)
         if grad_scale is not None and not self.backend.supports_grad_scaler:
@@ -1149,6 +1151,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         """
         if self.closed:
             return
+        self._follow_device()
         if "embeddings" not in self._always and getattr(module, "_require_grads_hooks", None):
             module.disable_input_require_grads()
         if not torch.is_grad_enabled():
@@ -1200,17 +1203,9 @@ class GrassOptimizer(torch.optim.Optimizer):
         sd["state"] = {i: dict(st) for i, st in sd["state"].items()}
         if self._offloader is not None:
             # offloaded moments live in host buffers; put copies where torch.optim keeps them
-            units = self._offloader.state_dict()["units"]
             index = self._packed_index()
-            for group in self._units:
-                staged = units.get(group["unit"])
-                if staged is None:
-                    continue
-                for p in group["params"]:
-                    if "step" not in self.state.get(p, {}) or id(p) not in self._offload_index:
-                        continue
-                    k = self._offload_index[id(p)]
-                    sd["state"][index[id(p)]].update({key: staged[key][k].clone() for key in staged})
+            for p, moments in self._param_states(offloaded_only=True).items():
+                sd["state"][index[id(p)]].update(moments)
         params = [p for g in self.param_groups for p in g["params"]]
         for i, st in sd["state"].items():  # FSDP2: states as DTensors sharded like their parameters
             sd["state"][i] = {
@@ -1264,17 +1259,12 @@ class GrassOptimizer(torch.optim.Optimizer):
             }
         super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped})
         params = [p for g in self.param_groups for p in g["params"]]
-        offloaded: dict[str, dict[str, list[torch.Tensor]]] = {}
-        for idx, moments in tensors.items():
-            p = params[idx]
-            moments = {k: self.backend.import_state(v, p) for k, v in moments.items()}
-            if self._offloader is not None and id(p) in self._offload_index:
-                unit = next(g["unit"] for g in self._units if any(q is p for q in g["params"]))
-                offloaded.setdefault(unit, {}).setdefault("_items", []).append((p, moments))
-            else:
-                self.state[p].update({k: v.to(self.backend.local(p).device) for k, v in moments.items()})
-        if self._offloader is not None:
-            self._offloader.load_state_dict({"units": self._fill_units(offloaded)})
+        self._place_param_states(
+            {
+                params[idx]: {k: self.backend.import_state(v, params[idx]) for k, v in moments.items()}
+                for idx, moments in tensors.items()
+            }
+        )
         for j, group in enumerate(self._units):  # ZeRO-1 on this world size; any world size loads
             if not self.backend.owns(j):
                 for p in group["params"]:
@@ -1293,6 +1283,74 @@ class GrassOptimizer(torch.optim.Optimizer):
         else:
             self._active = sorted(int(i) for i in grass["active"])
             self._set_requires_grad(set(self._active), extra=True)
+
+    def _param_states(self, offloaded_only: bool = False) -> dict[nn.Parameter, dict[str, torch.Tensor]]:
+        """The AdamW state tensors (not ``step``) of every parameter that has state, wherever they live:
+        offloaded ones as host copies, the others as they are."""
+        out: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
+        units = self._offloader.state_dict()["units"] if self._offloader is not None else {}
+        for group in self._units:
+            staged = units.get(group["unit"])
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "step" not in st:
+                    continue
+                if staged is not None and id(p) in self._offload_index:
+                    k = self._offload_index[id(p)]
+                    out[p] = {key: staged[key][k].clone() for key in staged}
+                elif not offloaded_only:
+                    out[p] = {k: v for k, v in st.items() if k != "step"}
+        return out
+
+    def _place_param_states(self, states: dict[nn.Parameter, dict[str, torch.Tensor]]) -> None:
+        """Put per-parameter AdamW state tensors (any device) where this optimizer keeps them: offloaded
+        units' into the offloader's host buffers (units absent from ``states`` start afresh), the others
+        into ``self.state`` on their parameter's device."""
+        offloaded: dict[str, dict[str, list]] = {}
+        for p, moments in states.items():
+            if self._offloader is not None and id(p) in self._offload_index:
+                unit = self._units[self._unit_of[id(p)]]["unit"]
+                offloaded.setdefault(unit, {}).setdefault("_items", []).append((p, moments))
+                for key in moments:
+                    self.state[p].pop(key, None)
+            else:
+                self.state[p].update({k: v.to(self.backend.local(p).device) for k, v in moments.items()})
+        if self._offloader is not None:
+            self._offloader.load_state_dict({"units": self._fill_units(offloaded)})
+
+    def _params_device(self) -> torch.device:
+        return next(iter(self.groups.block_params[0])).device
+
+    def _follow_device(self) -> None:
+        """Every tensor the optimizer keeps follows its parameters. The HF Trainer, ``accelerate.prepare``
+        and many loops move the model after the optimizer was built from it: the first forward, backward
+        or ``step()`` after a move brings the step's buffers, the MGN accumulators, the loss-scale probe and
+        every AdamW state to the parameters' new device, and rebuilds the offloader for it (``offload=
+        "auto"`` turns offload on for CUDA). Values are unchanged."""
+        device = self._params_device()
+        if device == self._device:
+            return
+        if self._backwards or self._host_acc or self._sib_stepped:
+            raise RuntimeError(
+                f"the model moved from {self._device} to {device} in the middle of an optimizer step; move it "
+                "before the first forward pass or after optimizer.step()"
+            )
+        states = self._param_states()
+        self._device = device
+        probe = self.loss_scale_probe  # a param group's parameter: moved in place, the object stays
+        probe.grad = None
+        moved = probe.detach().to(device)
+        if torch._has_compatible_shallow_copy_type(probe, moved):
+            probe.data = moved
+        else:  # e.g. to meta (grass-llm memory, tests)
+            torch.utils.swap_tensors(probe, nn.Parameter(moved, requires_grad=probe.requires_grad))
+        self._param_sumsq = self._param_sumsq.to(device)
+        self._block_rows = self._block_rows.to(device)
+        self._block_layers = self._block_layers.to(device)
+        self.importance_tracker.to(device)
+        self._reset_step_state()
+        self._offloader = self._make_offloader(device)
+        self._place_param_states(states)
 
     def _packed_index(self) -> dict[int, int]:
         """id(param) -> its index in torch.optim's packed state_dict (running over the param groups)."""

@@ -88,15 +88,15 @@ def test_stochastic_rounding_is_unbiased_and_reproducible():
     lo, hi = torch.tensor(1.0, dtype=torch.bfloat16), torch.tensor(1.0078125, dtype=torch.bfloat16)
     x = torch.full((200_000,), 1.0 + 0.25 * 0.0078125)  # a quarter of the way up
     out = torch.empty(x.shape, dtype=torch.bfloat16)
-    opt._stochastic_round_(out, x, (3, 0))
+    opt.store.precision.stochastic_round_(out, x, (3, 0), opt.global_step)
     assert set(out.unique().tolist()) == {lo.item(), hi.item()}
     assert float((out == hi).float().mean()) == pytest.approx(0.25, abs=0.005)
     again = torch.empty_like(out)
-    opt._stochastic_round_(again, x, (3, 0))
+    opt.store.precision.stochastic_round_(again, x, (3, 0), opt.global_step)
     assert torch.equal(out, again)  # keyed by (seed, step, parameter, element): reproducible
     halves = torch.empty(100_000, dtype=torch.bfloat16), torch.empty(100_000, dtype=torch.bfloat16)
-    opt._stochastic_round_(halves[0], x[:100_000], (3, 0))
-    opt._stochastic_round_(halves[1], x[100_000:], (3, 100_000))
+    opt.store.precision.stochastic_round_(halves[0], x[:100_000], (3, 0), opt.global_step)
+    opt.store.precision.stochastic_round_(halves[1], x[100_000:], (3, 100_000), opt.global_step)
     assert torch.equal(torch.cat(halves), out)  # the same bits however the tensor is cut into pieces
 
 

@@ -23,7 +23,7 @@ from grass_llm import ConfigError, GrassConfig
         ("policy", "lisa", "grass, static, uniform"),
         ("on_reactivation", "drop", "keep, reset"),
         ("max_grad_norm", 0.0, "float > 0"),
-        ("offload", "yes", "'auto', True, False"),
+        ("offload", "yes", "auto, period, step, off, true, false"),
         ("train_head", "yes", "true or false"),
     ],
 )

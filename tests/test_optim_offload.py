@@ -124,9 +124,9 @@ def test_frozen_embeddings_and_head_take_no_device_slot_whatever_the_vocabulary(
 
 def test_trained_embeddings_and_head_are_staged_in_chunks(monkeypatch):
     """LISA-style: a 4096 x 16 embedding and head, staged in 2 KiB chunks, same numbers as in memory."""
-    import grass_llm.optim as optim
+    import grass_llm._optim.state_store as state_store
 
-    monkeypatch.setattr(optim, "OFFLOAD_CHUNK_BYTES", 2048)
+    monkeypatch.setattr(state_store, "OFFLOAD_CHUNK_BYTES", 2048)
     cfg = dict(
         active_layers=2,
         period=2,

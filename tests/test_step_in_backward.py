@@ -80,7 +80,7 @@ def test_each_unit_is_updated_while_backward_runs():
     gradients are alive when an update runs."""
     model, opt = _pair(True, probe_steps=0, active_layers=3, train_head=False, train_norm=False)
     alive_at_update = []
-    original = opt._step_unit_in_backward
+    original = opt.in_backward._step_unit
 
     def spy(gi):
         alive_at_update.append(
@@ -88,7 +88,7 @@ def test_each_unit_is_updated_while_backward_runs():
         )
         original(gi)
 
-    opt._step_unit_in_backward = spy
+    opt.in_backward._step_unit = spy
     x = batches(1)[0]
     model(input_ids=x, labels=x).loss.backward()
     active = opt.active_layers

@@ -20,6 +20,7 @@ __all__ = ["ConfigError", "GrassConfig"]
 
 _REACTIVATION = ("keep", "reset")
 _ROUNDING = ("kahan", "stochastic", "nearest")
+_OFFLOAD = ("auto", "period", "step", "off")
 
 
 class ConfigError(ValueError):
@@ -102,8 +103,12 @@ class GrassConfig:
     offload: bool | str = field(
         default="auto",
         metadata={
-            "help": "Keep every layer's optimizer state in host memory and stream the active one to "
-            "the device. auto: on when the parameters live on a CUDA device."
+            "help": "Where the AdamW states live. period: every layer's state in host memory, the active "
+            "layers' kept on the device while they stay active (moved only when the active set changes, "
+            "overlapping compute); step: every layer's state in host memory, streamed through two 32 MiB "
+            "device slots at every step (the paper's scheme, the least device memory, the most traffic); "
+            "off: on the device (a layer's state is created when it first trains and kept). auto: step on "
+            "CUDA, off elsewhere. true / false: step / off."
         },
     )
     overlap: bool = field(
@@ -125,8 +130,8 @@ class GrassConfig:
         metadata={
             "help": "Keep an fp32 master copy of every trained bf16/fp16 weight in the optimizer state and "
             "copy it into the weight after each update, so no update is lost to rounding. auto: on when "
-            "offload is on (the masters then live in host memory and cost no device memory), else "
-            "update_rounding applies; True: always (on the device without offload); False: never."
+            "states stream per step (offload=step: the masters then live in host memory and cost no device "
+            "memory), else update_rounding applies; True: always; False: never."
         },
     )
     update_rounding: str = field(
@@ -193,8 +198,8 @@ class GrassConfig:
             raise ConfigError(
                 f"max_grad_norm={self.max_grad_norm!r} is invalid; allowed: None or a float > 0"
             )
-        if not (self.offload == "auto" or isinstance(self.offload, bool)):
-            raise ConfigError(f"offload={self.offload!r} is invalid; allowed: 'auto', True, False")
+        if not (self.offload in _OFFLOAD or isinstance(self.offload, bool)):
+            raise ConfigError(f"offload={self.offload!r} is invalid; allowed: {', '.join(_OFFLOAD)}, true, false")
         if not (self.fp32_master_weights == "auto" or isinstance(self.fp32_master_weights, bool)):
             raise ConfigError(
                 f"fp32_master_weights={self.fp32_master_weights!r} is invalid; allowed: 'auto', True, False"

@@ -217,6 +217,10 @@ class LayerStateOffloader:
         """Bytes one copy of the unit's state takes (its host buffer)."""
         return self._unit(unit_id).layout.nbytes
 
+    def unit_keys(self, unit_id: Hashable) -> set[str]:
+        """The state tensors the unit holds (``exp_avg``, ``exp_avg_sq``, and ``master`` / ``compensation``)."""
+        return self._unit(unit_id).layout.keys
+
     def num_chunks(self, unit_id: Hashable) -> int:
         """How many chunks the unit's state is staged in (1 without ``chunk_bytes``)."""
         return len(self._unit(unit_id).layout.chunks)
@@ -501,7 +505,8 @@ class LayerStateOffloader:
         self.bytes_to_device += src.numel()
 
     def _to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src, non_blocking=self._cuda)
+        if src.device.type != "meta":  # a meta buffer (grass-llm memory) holds no values to copy out
+            dst.copy_(src, non_blocking=self._cuda)
         self.bytes_to_host += src.numel()
 
     def _record_copy_event(self) -> Any:

@@ -29,7 +29,7 @@ VERSION = 2
 #: GrassConfig fields a resumed run must share with the saved one (they decide what is trained and how)
 TRAJECTORY_FIELDS = (
     "active_layers", "period", "probe_steps", "temperature", "ema", "policy", "train_embeddings",
-    "train_head", "train_norm", "on_reactivation", "max_grad_norm", "layers", "seed",
+    "train_head", "train_norm", "on_reactivation", "max_grad_norm", "layers",
 )  # fmt: skip
 _STATE_KEYS = {"step", "exp_avg", "exp_avg_sq", "master", "compensation"}
 

@@ -59,7 +59,8 @@ def test_every_block_is_recomputed_while_every_block_trains():
     plain = make_tiny_llama(num_layers=4)
     model = copy.deepcopy(plain)
     checkpoint_frozen_blocks(model)
-    opts = [GrassOptimizer(m, GrassConfig(probe_steps=2)) for m in (plain, model)]  # probing: all train
+    # probing: all train (the plain model without the optimizer's own probing checkpointing)
+    opts = [GrassOptimizer(m, GrassConfig(probe_steps=2, probe_checkpointing=m is model)) for m in (plain, model)]
     assert all(opt.probing for opt in opts)
     calls = _count_calls(model)
     tracker = LiveBytesTracker(round_to=1)

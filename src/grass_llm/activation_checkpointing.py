@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_leaves
 __all__ = [
     "MODES",
     "apply_activation_checkpointing",
+    "checkpoint_blocks_while",
     "checkpoint_frozen_blocks",
     "enable_gradient_checkpointing",
 ]
@@ -80,7 +81,7 @@ def enable_gradient_checkpointing(model: nn.Module, **checkpoint_kwargs: Any) ->
 
 
 # classes of checkpointed blocks, one per block class: a subclass whose forward decides per call
-_FROZEN_CLASSES: dict[type, type] = {}
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
 
 
 def _trains(block: nn.Module) -> bool:
@@ -89,24 +90,38 @@ def _trains(block: nn.Module) -> bool:
     return first is not None and first.requires_grad
 
 
-def _frozen_block_class(cls: type) -> type:
-    sub = _FROZEN_CLASSES.get(cls)
+def _recomputes(block: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether this forward of ``block`` runs under checkpointing (the block's ``_grass_*`` marks):
+    ``_grass_while``: a callable, true while every block is to be recomputed (GRASS's probing steps);
+    ``_grass_peers``: the blocks of ``checkpoint_frozen_blocks`` (frozen ones that pass a gradient on, and
+    every block when all of them train). Never when the block checkpoints itself (HF's own
+    gradient checkpointing) or gradients are off."""
+    if not torch.is_grad_enabled() or (getattr(block, "gradient_checkpointing", False) and block.training):
+        return False
+    while_ = getattr(block, "_grass_while", None)
+    if while_ is not None and while_():
+        return True
+    peers = getattr(block, "_grass_peers", ())
+    if not peers:
+        return False
+    if len(peers) > 1 and all(_trains(b) for b in peers):
+        # every block trains (FFT): keeping every block's activations is what this mode avoids
+        return True
+    # frozen, and backward must pass through: keep the inputs, recompute the rest in backward
+    return not any(p.requires_grad for p in block.parameters()) and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((args, kwargs))
+    )
+
+
+def _checkpointed_class(cls: type) -> type:
+    sub = _CHECKPOINTED_CLASSES.get(cls)
     if sub is not None:
         return sub
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         parent = super(sub, self).forward
-        if torch.is_grad_enabled():
-            peers = getattr(self, "_grass_peers", ())  # every decoder block
-            if len(peers) > 1 and all(_trains(b) for b in peers):
-                # every block trains (GRASS's probing, FFT): keeping every block's activations is
-                # what this mode avoids; recompute each block's in backward, as full checkpointing does
-                return torch.utils.checkpoint.checkpoint(parent, *args, use_reentrant=False, **kwargs)
-            if not any(p.requires_grad for p in self.parameters()) and any(
-                isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((args, kwargs))
-            ):
-                # frozen, and backward must pass through: keep the inputs, recompute the rest in backward
-                return torch.utils.checkpoint.checkpoint(parent, *args, use_reentrant=False, **kwargs)
+        if _recomputes(self, args, kwargs):
+            return torch.utils.checkpoint.checkpoint(parent, *args, use_reentrant=False, **kwargs)
         return parent(*args, **kwargs)
 
     sub = type(
@@ -119,8 +134,20 @@ def _frozen_block_class(cls: type) -> type:
             "_grass_base": cls,
         },
     )
-    _FROZEN_CLASSES[cls] = sub
+    _CHECKPOINTED_CLASSES[cls] = sub
     return sub
+
+
+def _mark(block: nn.Module, name: str, value: Any) -> None:
+    """Set (or with None clear) a ``_grass_*`` mark; the block's class is the checkpointing subclass while
+    it has a mark, its own class otherwise (parameters, state dict and ``isinstance`` are unchanged)."""
+    if value is None:
+        block.__dict__.pop(name, None)
+    else:
+        object.__setattr__(block, name, value)
+    base = getattr(type(block), "_grass_base", type(block))
+    marked = any(block.__dict__.get(n) for n in ("_grass_while", "_grass_peers"))
+    block.__class__ = _checkpointed_class(base) if marked else base
 
 
 def checkpoint_frozen_blocks(model: nn.Module, layers: Any = None, enable: bool = True) -> int:
@@ -131,19 +158,25 @@ def checkpoint_frozen_blocks(model: nn.Module, layers: Any = None, enable: bool 
     parameters requires grad and one of its inputs does, it runs under non-reentrant
     ``torch.utils.checkpoint`` (its input is kept, the rest recomputed in backward); when EVERY block
     trains (GRASS's probing steps, which run backward through all layers, or FFT) every block is
-    checkpointed, as with full checkpointing; otherwise it runs as usual. Do not combine with full checkpointing (:func:`enable_gradient_checkpointing`).
-    ``enable=False`` restores the blocks. The blocks' class is swapped for a subclass of the same
-    name (parameters, state dict and ``isinstance`` are unchanged).
+    checkpointed, as with full checkpointing; otherwise it runs as usual. Do not combine with full
+    checkpointing (:func:`enable_gradient_checkpointing`). ``enable=False`` restores the blocks.
     """
     from grass_llm.layers import discover_layers
 
     blocks = discover_layers(model, layers).blocks
     peers = tuple(blocks)
     for block in blocks:
-        base = getattr(type(block), "_grass_base", type(block))
-        block.__class__ = _frozen_block_class(base) if enable else base
-        object.__setattr__(block, "_grass_peers", peers if enable else ())
+        _mark(block, "_grass_peers", peers if enable else None)
     return len(blocks)
+
+
+def checkpoint_blocks_while(blocks: Any, condition: Any) -> None:
+    """Recompute each of ``blocks`` in backward (non-reentrant checkpointing) whenever ``condition()`` is
+    true at its forward pass; ``condition=None`` removes this. ``GrassOptimizer`` uses it for its probing
+    steps (``GrassConfig.probe_checkpointing``): they run backward through every block, and would otherwise
+    keep every block's activations."""
+    for block in blocks:
+        _mark(block, "_grass_while", condition)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, layers: Any = None) -> nn.Module:

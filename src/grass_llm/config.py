@@ -145,6 +145,15 @@ class GrassConfig:
             "weights are always updated exactly. benchmarks/bf16_updates.py measures the three."
         },
     )
+    probe_checkpointing: bool = field(
+        default=True,
+        metadata={
+            "help": "While probing, recompute each decoder block's activations in backward (non-reentrant "
+            "activation checkpointing): a probing step runs backward through every block and would otherwise "
+            "keep every block's activations, more than a training step needs. The MGN is unchanged; a probing "
+            "step costs one more forward pass of the blocks. False: keep them (faster probing, more memory)."
+        },
+    )
     step_in_backward: bool = field(
         default=False,
         metadata={
@@ -214,6 +223,7 @@ class GrassConfig:
             "train_norm",
             "overlap",
             "fp32_optimizer_states",
+            "probe_checkpointing",
             "step_in_backward",
         ):
             if not isinstance(getattr(self, name), bool):

@@ -297,6 +297,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         self.selection.active = sorted(layers)
         trained = self._trained_groups()
         self.store.activate([g["unit"] for g in trained], leaving)
+        self.binding.recompute_blocks(self, self.groups.blocks, self.probing and self.config.probe_checkpointing)
         if self.probing:
             self.binding.set_requires_grad(self._units, lambda g: g["layer"] is not None)
         else:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from grass_llm.activation_checkpointing import checkpoint_blocks_while
 from grass_llm.distributed.base import DataParallelBackend
 
 __all__ = ["ModelBinding", "weak_call"]
@@ -52,12 +53,17 @@ def weak_call(obj: Any, name: str) -> Callable[..., Any]:
     return call
 
 
-def _detach(handles: list[Any], backend: DataParallelBackend, original: dict[nn.Parameter, bool]) -> None:
-    """Remove an optimizer's hooks and restore the model's flags (``close()`` and the GC finalizer)."""
+def _detach(
+    handles: list[Any], backend: DataParallelBackend, original: dict[nn.Parameter, bool], blocks: list[nn.Module]
+) -> None:
+    """Remove an optimizer's hooks, its probing checkpointing and restore the model's flags (``close()``
+    and the GC finalizer)."""
     for h in handles:
         h.remove()
     handles.clear()
     backend.close()
+    checkpoint_blocks_while(blocks, None)
+    blocks.clear()
     for p, flag in original.items():
         p.requires_grad_(flag)
 
@@ -98,11 +104,12 @@ class ModelBinding:
         self.original = {p: p.requires_grad for p in model.parameters()}
         self.user_frozen = {id(p) for p, flag in self.original.items() if not flag}
         self.handles: list[Any] = []
+        self._checkpointed: list[nn.Module] = []  # blocks recomputed while probing
         self._ddp: weakref.ref | None = None
         _ATTACHED[model] = {"owner": weakref.ref(owner)}
         for p in frozen_for_good:
             p.requires_grad_(False)
-        self._finalizer = weakref.finalize(owner, _detach, self.handles, backend, self.original)
+        self._finalizer = weakref.finalize(owner, _detach, self.handles, backend, self.original, self._checkpointed)
 
     def install_hooks(
         self, owner: Any, trainable: Iterable[nn.Parameter], blocks: Iterable[nn.Module]
@@ -139,6 +146,19 @@ class ModelBinding:
                 p.requires_grad_(flag and id(p) not in self.user_frozen)
                 if not p.requires_grad:
                     p.grad = None
+
+    def recompute_blocks(self, owner: Any, blocks: list[nn.Module], on: bool) -> None:
+        """``on``: recompute every block's activations in backward while ``owner`` is probing (the
+        optimizer's probing steps run backward through every block, GrassConfig.probe_checkpointing);
+        off: run them as usual."""
+        ref = weakref.ref(owner)
+
+        def probing() -> bool:
+            opt = ref()
+            return opt is not None and not opt.closed and opt.probing
+
+        checkpoint_blocks_while(blocks, probing if on else None)
+        self._checkpointed[:] = blocks if on else []
 
     # ------------------------------------------------------------------ forward pre-hooks
     def before_forward(self, module: nn.Module, embeddings_train: bool) -> None:

@@ -20,7 +20,12 @@ from grass_llm import GrassConfig, GrassOptimizer
 VOCAB = 64
 CFG = dict(active_layers=2, period=2, probe_steps=2, seed=3, train_head=True)
 STEPS, SPLIT1, SPLIT2 = 10, 4, 7
-VARIANTS = {"plain": {}, "offload": {"offload": True}, "clip": {"max_grad_norm": 0.05}}
+VARIANTS = {
+    "plain": {},
+    "offload": {"offload": "step"},
+    "period": {"offload": "period"},
+    "clip": {"max_grad_norm": 0.05},
+}
 
 
 def global_batches(n: int, bs: int = 8, seq: int = 8, seed: int = 1) -> list[torch.Tensor]:

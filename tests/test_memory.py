@@ -126,7 +126,8 @@ def test_the_estimate_steps_the_shipped_optimizers(tiny, monkeypatch):
     grass = M.estimate_memory(tiny, "grass", batch_size=1, seq_len=16, steps=3)
     assert calls == {"grass": 3, "acquire": 6, "adamw": 0}  # 2 active layers, one chunk each, 3 steps
     assert grass.extra["optimizer"] == "GrassOptimizer" and grass.extra["offload"]
-    assert grass.extra["precision"] == "master"  # CUDA default: fp32 masters in host memory
+    # CUDA default: the active layers' states kept on the device per period, Kahan compensation
+    assert grass.extra["precision"] == "kahan"
     lora = M.estimate_memory(tiny, "lora", rank=4, batch_size=1, seq_len=16, steps=2)
     assert calls["adamw"] == 2 and calls["grass"] == 3
     assert (
@@ -172,7 +173,7 @@ def test_component_ordering_on_a_small_config(wide):
 
 
 def test_worst_case_layer_pair_is_the_default(tiny):
-    kw = dict(batch_size=2, seq_len=48)
+    kw = dict(batch_size=2, seq_len=256)  # activations, not the update's temporaries, make the peak
     default = M.estimate_memory(tiny, "grass", **kw)
     low = M.estimate_memory(tiny, "grass", active_layer_ids=[0, 1], **kw)
     high = M.estimate_memory(tiny, "grass", active_layer_ids=[2, 3], **kw)
@@ -185,7 +186,8 @@ def test_worst_case_layer_pair_is_the_default(tiny):
 
 def test_lisa_keeps_its_offload_and_precision_settings(tiny):
     """method=lisa used to drop grass.offload / overlap / fp32 flags: the registry keeps them."""
-    on = M.estimate_memory(tiny, "lisa", batch_size=1, seq_len=16)
+    kept = M.estimate_memory(tiny, "lisa", batch_size=1, seq_len=16)
+    on = M.estimate_memory(tiny, "lisa", batch_size=1, seq_len=16, overrides={"grass.offload": "step"})
     off = M.estimate_memory(
         tiny,
         "lisa",
@@ -193,11 +195,14 @@ def test_lisa_keeps_its_offload_and_precision_settings(tiny):
         seq_len=16,
         overrides={"grass.offload": False, "grass.update_rounding": "nearest"},
     )
+    assert kept.extra["offload"] and kept.extra["precision"] == "kahan"  # the CUDA default: kept per period
     assert on.extra["offload"] and on.extra["precision"] == "master"
     assert not off.extra["offload"] and off.extra["precision"] == "nearest"
     # in memory: bf16 exp_avg + exp_avg_sq of the 2 layers, embeddings, final norm and head (512 B blocks)
     assert off.optimizer_states == pytest.approx(_state_bytes(off.trainable_params), rel=0.05)
-    # offloaded: two device slots of one staged unit (bf16 moments + fp32 master: 8 B per parameter)
+    # kept per period: the same units' bf16 moments and bf16 Kahan compensation on the device (6 B each)
+    assert kept.optimizer_states == pytest.approx(6 * kept.trainable_params, rel=0.05)
+    # streamed per step: two device slots of one staged unit (bf16 moments + fp32 master: 8 B per parameter)
     layer = 4 * 64 * 64 // 2 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64 + 4 * 64 * 0  # q,o + k,v + MLP + norms
     assert on.optimizer_states == pytest.approx(2 * 8 * max(layer, 256 * 64), rel=0.02)
 

@@ -1,4 +1,5 @@
-"""Optimizer-state offloading inside GrassOptimizer: same numbers as in memory, exact resume."""
+"""Optimizer-state offloading inside GrassOptimizer, streamed per step or kept per period: the same numbers
+as in memory, exact resume."""
 
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ def _run(offload, steps=20, dtype=torch.float32, split=None, load_offload=None, 
         "bf16+fp32-states+master",
     ],
 )
-def test_offload_equals_in_memory_bit_for_bit(precision):
-    m_mem, o_mem, log_mem = _run(False, **precision)
-    m_off, o_off, log_off = _run(True, **precision)
+@pytest.mark.parametrize("residency", ["step", "period"])
+def test_offload_equals_in_memory_bit_for_bit(precision, residency):
+    m_mem, o_mem, log_mem = _run("off", **precision)
+    m_off, o_off, log_off = _run(residency, **precision)
     assert o_mem.offloader is None and o_off.offloader is not None
     assert log_mem == log_off and len({tuple(a) for a in log_off}) > 2  # several layer switches
     assert_models_equal(m_mem, m_off)
@@ -76,7 +78,10 @@ def test_offload_keeps_at_most_two_units_on_device():
     assert off.host_bytes() >= 5 * off.unit_nbytes("layer.0")  # every layer that trained is in host memory
 
 
-@pytest.mark.parametrize(("save_offload", "load_offload"), [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize(
+    ("save_offload", "load_offload"),
+    [("step", "step"), ("step", "off"), ("off", "step"), ("period", "period"), ("period", "step"), ("off", "period")],
+)
 def test_resume_with_offloaded_states(save_offload, load_offload):
     m_full, _o_full, log_full = _run(save_offload, steps=14)
     m_res, _o_res, log_res = _run(save_offload, steps=14, split=8, load_offload=load_offload)
@@ -98,9 +103,10 @@ def test_fp32_master_precision_and_state_dtypes():
             assert torch.equal(st["master"].to(torch.bfloat16), params[idx].detach())
 
 
-def test_reset_with_offload_matches_in_memory():
-    m_mem, _, log_mem = _run(False, steps=16, on_reactivation="reset", active_layers=1, period=2)
-    m_off, _, log_off = _run(True, steps=16, on_reactivation="reset", active_layers=1, period=2)
+@pytest.mark.parametrize("residency", ["step", "period"])
+def test_reset_with_offload_matches_in_memory(residency):
+    m_mem, _, log_mem = _run("off", steps=16, on_reactivation="reset", active_layers=1, period=2)
+    m_off, _, log_off = _run(residency, steps=16, on_reactivation="reset", active_layers=1, period=2)
     assert log_mem == log_off
     assert_models_equal(m_mem, m_off)
 
@@ -122,7 +128,8 @@ def test_frozen_embeddings_and_head_take_no_device_slot_whatever_the_vocabulary(
     assert device_bytes[64] == device_bytes[4096]
 
 
-def test_trained_embeddings_and_head_are_staged_in_chunks(monkeypatch):
+@pytest.mark.parametrize("residency", ["step", "period"])
+def test_trained_embeddings_and_head_are_staged_in_chunks(monkeypatch, residency):
     """LISA-style: a 4096 x 16 embedding and head, staged in 2 KiB chunks, same numbers as in memory."""
     import grass_llm._optim.state_store as state_store
 
@@ -136,7 +143,7 @@ def test_trained_embeddings_and_head_are_staged_in_chunks(monkeypatch):
         fp32_master_weights=True,
     )
     models, opts = [], []
-    for offload in (False, True):
+    for offload in ("off", residency):
         model = make_tiny_llama(num_layers=4, vocab=4096).to(torch.bfloat16)
         opt = GrassOptimizer(model, GrassConfig(offload=offload, **cfg), lr=1e-3, weight_decay=0.01)
         train(model, opt, batches(6))
@@ -144,7 +151,11 @@ def test_trained_embeddings_and_head_are_staged_in_chunks(monkeypatch):
         opts.append(opt)
     off = opts[1].offloader
     assert off.num_chunks("embeddings") > 10 and off.num_chunks("head") > 10
-    assert 0 < off.device_bytes() <= 2 * 2048
+    if residency == "step":
+        assert 0 < off.device_bytes() <= 2 * 2048
+    else:  # the active layers, the embeddings and the head stay on the device
+        kept = ["embeddings", "head", *(f"layer.{i}" for i in opts[1].active_layers)]
+        assert off.device_bytes() == sum(off.unit_nbytes(u) for u in kept)
     assert_models_equal(*models)
     for (idx, st), st_off in zip(
         opts[0].state_dict()["state"].items(), opts[1].state_dict()["state"].values()
@@ -153,10 +164,11 @@ def test_trained_embeddings_and_head_are_staged_in_chunks(monkeypatch):
             assert torch.equal(value, st_off[key]), (idx, key)
 
 
-def test_state_dict_leaves_the_offloaded_state_where_it_lives():
+@pytest.mark.parametrize("residency", ["step", "period"])
+def test_state_dict_leaves_the_offloaded_state_where_it_lives(residency):
     """state_dict() copies the offloaded moments into its result only: the optimizer's own per-parameter
-    state keeps just the step counter (the moments stay in the offloader's host buffers, once)."""
-    _, opt, _ = _run(True, steps=6)
+    state keeps just the step counter (the moments stay in the offloader's buffers, once)."""
+    _, opt, _ = _run(residency, steps=6)
     sd = opt.state_dict()
     assert any("exp_avg" in st for st in sd["state"].values())
     assert all(set(st) == {"step"} for st in opt.state.values())

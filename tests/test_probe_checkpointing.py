@@ -90,3 +90,19 @@ def test_hf_gradient_checkpointing_is_not_checkpointed_twice(reentrant):
     assert len(calls) == 0  # HF's layers call their own checkpoint function, never ours
     opt.step()
     assert not opt.probing
+
+
+def test_a_model_that_caches_keys_probes_the_same(one_thread):
+    """A recomputed block must not append its keys to the KV cache a second time (use_cache=True, the HF
+    default a plain loop gets): no cache while checkpointing, as HF's own checkpointing does."""
+    mgn = []
+    for on in (False, True):
+        model = make_tiny_llama(num_layers=3)
+        model.config.use_cache = True
+        model.train()
+        opt = GrassOptimizer(model, GrassConfig(active_layers=1, probe_steps=2, probe_checkpointing=on), lr=1e-2)
+        for x in batches(2):
+            model(input_ids=x, labels=x, use_cache=True).loss.backward()
+            opt.step()
+        mgn.append(opt.importance)
+    assert torch.equal(*mgn)

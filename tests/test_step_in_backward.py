@@ -49,11 +49,13 @@ def _pair(sib: bool, dtype=torch.float32, **cfg):
     [
         dict(),
         dict(offload=True),
+        dict(offload="period"),
         dict(offload=True, dtype=torch.bfloat16, fp32_optimizer_states=True, fp32_master_weights=True),
+        dict(offload="period", dtype=torch.bfloat16),
         dict(train_embeddings=True, policy="uniform"),
         dict(accum=2),
     ],
-    ids=["fp32", "offload", "bf16-offload-fp32-master", "embeddings-uniform", "accum2"],
+    ids=["fp32", "offload", "period", "bf16-offload-fp32-master", "bf16-period", "embeddings-uniform", "accum2"],
 )
 def test_step_in_backward_equals_step_after_backward(setting):
     setting = dict(setting)

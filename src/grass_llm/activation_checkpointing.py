@@ -113,6 +113,20 @@ def _recomputes(block: nn.Module, args: tuple, kwargs: dict) -> bool:
     )
 
 
+def _no_cache(block: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A recomputed block must not write its KV cache twice (the recomputation would append its keys
+    again): no cache while checkpointing, as HF's own gradient checkpointing does in training (a training
+    forward's cache starts empty, so attention is unchanged)."""
+    kwargs = dict(kwargs)
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    if not getattr(block, "_can_checkpoint_with_cache", False):
+        for name in ("past_key_values", "layer_past"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = None
+    return kwargs
+
+
 def _checkpointed_class(cls: type) -> type:
     sub = _CHECKPOINTED_CLASSES.get(cls)
     if sub is not None:
@@ -121,7 +135,7 @@ def _checkpointed_class(cls: type) -> type:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         parent = super(sub, self).forward
         if _recomputes(self, args, kwargs):
-            return torch.utils.checkpoint.checkpoint(parent, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(parent, *args, use_reentrant=False, **_no_cache(self, kwargs))
         return parent(*args, **kwargs)
 
     sub = type(

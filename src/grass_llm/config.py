@@ -107,7 +107,7 @@ class GrassConfig:
             "layers' kept on the device while they stay active (moved only when the active set changes, "
             "overlapping compute); step: every layer's state in host memory, streamed through two 32 MiB "
             "device slots at every step (the paper's scheme, the least device memory, the most traffic); "
-            "off: on the device (a layer's state is created when it first trains and kept). auto: step on "
+            "off: on the device (a layer's state is created when it first trains and kept). auto: period on "
             "CUDA, off elsewhere. true / false: step / off."
         },
     )

@@ -43,11 +43,12 @@ RESIDENCIES = ("off", "step", "period")
 
 
 def resolve_residency(offload: bool | str, device: torch.device) -> str:
-    """``GrassConfig.offload`` -> ``off`` / ``step`` / ``period``. ``auto``: ``step`` on CUDA (and on
-    ``meta``, where ``grass-llm memory`` runs a CUDA configuration), else ``off``. ``True`` is ``step`` and
-    ``False`` is ``off`` (their meaning before residencies had names)."""
+    """``GrassConfig.offload`` -> ``off`` / ``step`` / ``period``. ``auto``: ``period`` on CUDA (and on
+    ``meta``, where ``grass-llm memory`` runs a CUDA configuration): about the speed of keeping every state on
+    the device, with the device memory of the active layers' states only; else ``off``. ``True`` is ``step``
+    and ``False`` is ``off`` (their meaning before residencies had names)."""
     if offload == "auto":
-        return "step" if device.type in ("cuda", "meta") else "off"
+        return "period" if device.type in ("cuda", "meta") else "off"
     if offload is True:
         return "step"
     if offload is False:

@@ -491,7 +491,7 @@ def estimate_memory(
     if layer_wise and phase == "probe":
         settings["grass.probe_steps"] = steps + 1  # every step of the estimate probes
     if world_size > 1:
-        settings.setdefault("grass.offload", True)  # what auto gives on CUDA
+        settings.setdefault("grass.offload", "period")  # what auto gives on CUDA
     name = _config_name(config) if not isinstance(model, (str, Path)) else str(model)
     cfg = _train_config(name, method, settings)
     if phase == "probe" and not (layer_wise and cfg.grass.probe_steps > 0):
@@ -507,6 +507,8 @@ def estimate_memory(
         net = step.model
         tracker = LiveBytesTracker(round_to=round_to, device=device)
         tracker.track([_local(t) for t in [*net.parameters(), *net.buffers()]], "weights")
+        # states already on the device before the first step (residency per period: the active layers')
+        tracker.track(step.state_tensors(), "optimizer_states")
 
         def retag_grad(p: torch.Tensor) -> None:
             if p.grad is not None:

@@ -501,13 +501,16 @@ class LayerStateOffloader:
         return torch.cuda.stream(self._copy_stream)
 
     def _to_device(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src, non_blocking=self._cuda)
+        self._copy(dst, src)
         self.bytes_to_device += src.numel()
 
     def _to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self._copy(dst, src)
+        self.bytes_to_host += src.numel()
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         if src.device.type != "meta":  # a meta buffer (grass-llm memory) holds no values to copy out
             dst.copy_(src, non_blocking=self._cuda)
-        self.bytes_to_host += src.numel()
 
     def _record_copy_event(self) -> Any:
         if not self._cuda:

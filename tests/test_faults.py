@@ -29,7 +29,7 @@ pytest.importorskip("transformers")
 
 from grass_llm.cli import main
 from grass_llm.recipes.run_checkpoint import find_latest_checkpoint, list_checkpoints, verify_checkpoint
-from grass_llm.recipes.runlog import read_log
+from grass_llm.runlog import read_log
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 

@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 
 from grass_llm.cli import main
 from grass_llm.recipes.run_checkpoint import find_latest_checkpoint
-from grass_llm.recipes.runlog import read_log
+from grass_llm.runlog import read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

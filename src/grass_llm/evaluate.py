@@ -609,7 +609,7 @@ def _check_cli_args(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < 1:
             raise EvalInputError(f"{flag} must be >= 1, got {value}")
-    from grass_llm.recipes.models import looks_like_path
+    from grass_llm.models import looks_like_path
 
     local = Path(args.model).expanduser()
     if local.exists():
@@ -675,7 +675,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from grass_llm.recipes.models import ModelLoadError, load_model_and_tokenizer
+    from grass_llm.models import ModelLoadError, load_model_and_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dtype == "bf16":

@@ -1,4 +1,4 @@
-"""Plots of a run directory's ``log.jsonl`` (schema: ``grass_llm.recipes.runlog``); ``grass-llm plot RUN_DIR``.
+"""Plots of a run directory's ``log.jsonl`` (schema: ``grass_llm.runlog``); ``grass-llm plot RUN_DIR``.
 
 ``plot_run`` writes up to four PNGs:
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from grass_llm.recipes.runlog import LOG_FILENAME, RunLogError, read_log
+from grass_llm.runlog import LOG_FILENAME, RunLogError, read_log
 
 __all__ = [
     "LINE_PLOT_MAX_LAYERS",

@@ -4,9 +4,11 @@
 * ``train_config``: ``TrainConfig`` (YAML + ``key=value``), holding a ``GrassConfig``;
 * ``finetune``: the recipe (setup / train_step / log / save); ``train_cli``: its command line;
 * ``run_checkpoint``: atomic, resumable run checkpoints;
-* ``models``: the tiny Llama builder and the model/tokenizer loader;
 * ``launch``: process-group setup under torchrun / accelerate;
-* ``runlog``: the per-step ``log.jsonl``.
+* ``interrupt``: SIGINT / SIGTERM deferred to the end of the training step.
+
+(``models`` and ``runlog`` moved below the applications, to ``grass_llm.models`` and
+``grass_llm.runlog``; the old names still import.)
 
 The library (``grass_llm.optim`` and below) never imports this package.
 """

@@ -32,7 +32,7 @@ What the run guarantees (tests/test_faults.py drives each case through the CLI):
 
 Run directory layout (``out_dir``, default ``runs/<method>``)::
 
-    log.jsonl                  one record per optimizer step (grass_llm.recipes.runlog schema)
+    log.jsonl                  one record per optimizer step (grass_llm.runlog schema)
     tensorboard/               TensorBoard mirror of the log
     checkpoints/step-000120/   latest resumable checkpoint (model.safetensors, optimizer.pt, state.pt,
                                config.yaml, MANIFEST.json with their checksums, COMPLETE)
@@ -217,7 +217,7 @@ BUILTIN_MODELS = ("builtin:tiny-pretrained", "builtin:tiny")
 def _check_inputs(cfg: TrainConfig) -> Path | None:
     """File-system checks that need no model or tokenizer; returns the resolved data file."""
     from grass_llm.data import DataError, resolve_data_path
-    from grass_llm.recipes.models import looks_like_path
+    from grass_llm.models import looks_like_path
 
     data_file: Path | None = None
     if cfg.data.startswith("builtin:"):
@@ -362,7 +362,7 @@ def _build_data(cfg: TrainConfig, tokenizer, data_file: Path | None):
 def _load_model_and_tokenizer(cfg: TrainConfig, dtype, device):
     import torch
 
-    from grass_llm.recipes.models import (
+    from grass_llm.models import (
         ModelLoadError,
         load_model_and_tokenizer,
         load_tiny_pretrained,
@@ -1203,7 +1203,7 @@ class FinetuneRecipe:
         cfg, launch = self.cfg, self.launch
         from tqdm.auto import tqdm
 
-        from grass_llm.recipes.runlog import RunLogger
+        from grass_llm.runlog import RunLogger
 
         self.logger = (
             RunLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_from=self.step)

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from grass_llm.distributed.base import DataParallelBackend
+from grass_llm.distributed.base import DataParallelBackend, collective_device
 
 __all__ = [
     "FSDP2Backend",
@@ -201,12 +201,7 @@ class FSDP2Backend(DataParallelBackend):
     def broadcast_layers(self, layers: Sequence[int]) -> list[int]:
         if dist.get_backend(self.group) == "fake":  # grass-llm memory's fake ranks: nothing to agree on
             return list(layers)
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend(self.group) == "nccl"
-            else "cpu"
-        )
-        t = torch.tensor(list(layers), dtype=torch.int64, device=device)
+        t = torch.tensor(list(layers), dtype=torch.int64, device=collective_device(self.group))
         dist.broadcast(t, src=dist.get_global_rank(self.group, 0), group=self.group)
         return [int(i) for i in t.tolist()]
 

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from grass_llm.distributed.base import DataParallelBackend
+from grass_llm.distributed.base import DataParallelBackend, collective_device
 
 __all__ = ["ReplicatedBackend"]
 
@@ -116,12 +116,6 @@ class ReplicatedBackend(DataParallelBackend):
 
     def _global_rank(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
-
-    def _small_device(self) -> torch.device:
-        """Where small host-side values (the draw) travel: NCCL needs CUDA tensors."""
-        if dist.get_backend(self.group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
 
     # ------------------------------------------------------------------------------------------
     # wiring
@@ -277,7 +271,7 @@ class ReplicatedBackend(DataParallelBackend):
             self._finish_probe_one()
 
     def broadcast_layers(self, layers: Sequence[int]) -> list[int]:
-        t = torch.tensor(list(layers), dtype=torch.int64, device=self._small_device())
+        t = torch.tensor(list(layers), dtype=torch.int64, device=collective_device(self.group))
         dist.broadcast(t, src=self._global_rank(0), group=self.group)
         return [int(i) for i in t.tolist()]
 

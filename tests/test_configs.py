@@ -100,3 +100,14 @@ def test_paper_config_runs_on_llm_adapters_data(tmp_path, shared_data):
     _run_shortened(
         CONFIGS[0].parent / "tinyllama-math-grass.yaml", tmp_path, [f"data={data}", "data_dir=null"]
     )
+
+
+def test_train_config_is_what_methods_read():
+    """``methods`` reads the settings through a protocol (so that ``train_config -> methods`` is the only
+    dependency between them); ``TrainConfig`` must keep satisfying it."""
+    from grass_llm.recipes.methods import LoraSettings, MethodSettings
+    from grass_llm.recipes.train_config import TrainConfig
+
+    cfg = TrainConfig(method="lora")
+    assert isinstance(cfg, MethodSettings) and isinstance(cfg.lora, LoraSettings)
+    assert cfg.learning_rate == 1e-4

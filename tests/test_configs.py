@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,26 @@ def test_train_config_is_what_methods_read():
     cfg = TrainConfig(method="lora")
     assert isinstance(cfg, MethodSettings) and isinstance(cfg.lora, LoraSettings)
     assert cfg.learning_rate == 1e-4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("batch_sise=4", "unknown config key 'batch_sise'; did you mean batch_size?"),
+        ("gradient_checkpointing=true", "did you mean activation_checkpointing=full?"),
+        ("grass.bogus=1", "unknown config key 'grass.bogus'"),
+        ("grass=3", "grass is a section; set its keys, e.g. grass.<name>=..."),
+        ("lora.rank=x", "lora.rank='x' is invalid; allowed: an integer"),
+        ("lr=fast", "lr='fast' is invalid; allowed: a number"),
+    ],
+)
+def test_a_bad_setting_is_named_with_what_is_allowed(override, message):
+    from grass_llm.recipes.train_config import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match=re.escape(message)):
+        load_train_config(overrides=[override])
+
+
+def test_a_method_preset_is_completed_not_replaced_by_the_grass_keys_given():
+    cfg = load_train_config(overrides=["method=lisa", "grass.active_layers=3"])
+    assert (cfg.grass.period, cfg.grass.active_layers, cfg.grass.policy) == (10, 3, "uniform")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "IGNORE_INDEX",
     "LOGITS_PER_CHUNK",
     "ChunkedCausalLMLoss",
     "causal_lm_loss",
@@ -42,6 +43,9 @@ __all__ = [
     "unsupported_reason",
 ]
 
+#: Label value that the loss ignores (``torch.nn.CrossEntropyLoss``'s and transformers' default): prompt
+#: tokens when only the response is trained, padding (``grass_llm.data`` writes it).
+IGNORE_INDEX = -100
 #: Logits per chunk (rows x vocabulary): 2**22, i.e. 16 MiB of fp32 logits per chunk, 131 rows of a
 #: 32k vocabulary, 16 of a 256k one (Liger-Kernel's fused linear cross-entropy picks 16 rows for the
 #: latter too). A chunk's peak is about 1.5 times its fp32 logits (plus its bf16 copy).
@@ -57,7 +61,7 @@ def chunked_cross_entropy(
     *,
     bias: torch.Tensor | None = None,
     shift_labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     num_items_in_batch: torch.Tensor | int | float | None = None,
     softcap: float | None = None,
     chunk_tokens: int | None = None,
@@ -210,7 +214,7 @@ class ChunkedCausalLMLoss:
     whose loss it cannot reproduce (:func:`unsupported_reason`).
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int | None = None, ignore_index: int = -100) -> None:
+    def __init__(self, model: nn.Module, chunk_tokens: int | None = None, ignore_index: int = IGNORE_INDEX) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"chunked loss: {type(model).__name__} is not supported: {reason}")

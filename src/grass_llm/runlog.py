@@ -42,9 +42,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from grass_llm.run_layout import LOG_FILENAME, TENSORBOARD_DIR
+
 __all__ = ["LOG_FILENAME", "PHASES", "RunLogError", "RunLogger", "read_log"]
 
-LOG_FILENAME = "log.jsonl"
 PHASES = ("probe", "train")
 # per-decoder-layer lists mirrored to TensorBoard as one scalar series per layer
 _PER_LAYER_KEYS = ("importance", "probabilities")
@@ -250,7 +251,7 @@ class RunLogger:
                 raise ImportError(
                     "RunLogger(tensorboard=True) needs the tensorboard package: pip install tensorboard"
                 ) from exc
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+            self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge_step)
 
     def _close_handles(self) -> None:
         if self._file is not None:

@@ -90,22 +90,17 @@ def evaluate_model(
             )
             n, total = scores[b.name]["correct"], scores[b.name]["total"]
             say(f"{b.name}: {n}/{total} = {100.0 * n / total:.2f}% ({time.perf_counter() - t0:.1f} s)")
-    results = {
-        "model": model_name,
-        "method": method_name,
-        "benchmarks": scores,
-        "averages": group_averages(scores),
-        "skipped": skipped,
-        "settings": {
-            "benchmarks": [b.name for b in benches],
-            "data_dir": str(llm_adapters_root(data_dir)),
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens,
-            "limit": limit,
-            "prompt_style": prompt_style,
-            "decoding": "greedy",
-        },
+    settings = {
+        "benchmarks": [b.name for b in benches],
+        "data_dir": str(llm_adapters_root(data_dir)),
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "limit": limit,
+        "prompt_style": prompt_style,
+        "decoding": "greedy",
     }
+    results = {"model": model_name, "method": method_name, "benchmarks": scores}
+    results.update(averages=group_averages(scores), skipped=skipped, settings=settings)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "results.md").write_text(format_results_markdown(results), encoding="utf-8")
     say(f"wrote {out / 'results.md'} and {out / 'results.json'}")

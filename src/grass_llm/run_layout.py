@@ -4,7 +4,7 @@ and its readers (``grass-llm plot``, ``grass-llm eval``, ``--resume``) share, ea
     log.jsonl       one record per optimizer step (grass_llm.runlog)
     tensorboard/    TensorBoard mirror of the log
     checkpoints/    resumable checkpoints, step-NNNNNN/ (grass_llm.recipes.run_checkpoint)
-    final/          the final model + tokenizer (LoRA / DoRA: final/adapter too)
+    final/          the final model + tokenizer (LoRA / DoRA: the adapter alone in final/adapter/)
     plots/          PNG plots (grass_llm.plots)
     eval/           where ``grass-llm eval --model RUN/final`` writes by default
 """
@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 __all__ = [
+    "ADAPTER_DIR",
     "CHECKPOINT_DIR",
     "EVAL_DIR",
     "FINAL_DIR",
@@ -29,6 +30,7 @@ LOG_FILENAME = "log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
+ADAPTER_DIR = "adapter"  # in FINAL_DIR: an adapter method's adapter alone (+ tokenizer)
 PLOTS_DIR = "plots"
 EVAL_DIR = "eval"
 #: Everything a run writes into its directory (what ``overwrite=true`` deletes; nothing else is touched).

@@ -15,7 +15,7 @@ from grass_llm.evaluate.benchmarks import BENCHMARKS, EvalInputError, benchmark_
 from grass_llm.evaluate.results import format_results_markdown
 from grass_llm.evaluate.run import evaluate_model
 from grass_llm.models import ModelLoadError, load_model_and_tokenizer, looks_like_path
-from grass_llm.run_layout import EVAL_DIR, FINAL_DIR, is_run_dir
+from grass_llm.run_layout import ADAPTER_DIR, EVAL_DIR, FINAL_DIR, is_run_dir
 
 __all__ = ["add_cli_arguments", "cli_main", "default_out_dir"]
 
@@ -119,8 +119,8 @@ def default_out_dir(model: str) -> Path:
     if local.is_dir():
         if local.name == FINAL_DIR and is_run_dir(local.parent):
             return local.parent / EVAL_DIR
-        if local.name == "adapter" and local.parent.name == FINAL_DIR and is_run_dir(local.parent.parent):
-            return local.parent.parent / f"{EVAL_DIR}-adapter"
+        if local.name == ADAPTER_DIR and local.parent.name == FINAL_DIR and is_run_dir(local.parent.parent):
+            return local.parent.parent / f"{EVAL_DIR}-{ADAPTER_DIR}"
         return local / EVAL_DIR
     return Path(EVAL_DIR) / model.strip("/").replace("/", "--")
 

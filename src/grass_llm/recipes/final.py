@@ -17,7 +17,7 @@ from grass_llm.recipes.build import TrainObjects
 from grass_llm.recipes.errors import TrainFailed
 from grass_llm.recipes.launch import Launch
 from grass_llm.recipes.train_config import TrainConfig
-from grass_llm.run_layout import FINAL_DIR
+from grass_llm.run_layout import ADAPTER_DIR, FINAL_DIR
 
 __all__ = ["unsharded_model", "write_final"]
 
@@ -56,7 +56,7 @@ def write_final(objs: TrainObjects, cfg: TrainConfig, model: nn.Module, kept: st
             objs.tokenizer.save_pretrained(tmp)
             out, kind = objs.method.save_final(model, tmp, cfg)
             if objs.method.adapters_only:
-                objs.tokenizer.save_pretrained(tmp / "adapter")
+                objs.tokenizer.save_pretrained(tmp / ADAPTER_DIR)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from grass_llm._tensor import DTYPES
+from grass_llm.run_layout import ADAPTER_DIR
 
 if TYPE_CHECKING:
     from grass_llm.config import GrassConfig
@@ -246,11 +247,11 @@ def _save_full(model: nn.Module, final: Path, cfg: MethodSettings) -> tuple[Path
 
 
 def _save_adapter(model: nn.Module, final: Path, cfg: MethodSettings) -> tuple[Path, str]:
-    model.save_pretrained(final / "adapter")
+    model.save_pretrained(final / ADAPTER_DIR)
     if cfg.lora.merge:
         model.merge_and_unload().save_pretrained(final)
-        return final, f"merged {cfg.method} model + tokenizer; adapter alone in {final / 'adapter'}"
-    return final / "adapter", f"{cfg.method} adapter + tokenizer (load on top of {cfg.model})"
+        return final, f"merged {cfg.method} model + tokenizer; adapter alone in {final / ADAPTER_DIR}"
+    return final / ADAPTER_DIR, f"{cfg.method} adapter + tokenizer (load on top of {cfg.model})"
 
 
 for _method in (

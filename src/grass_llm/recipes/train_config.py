@@ -302,7 +302,13 @@ class TrainConfig:
     tensorboard: bool = field(
         default=True, metadata=_help("Mirror the log to TensorBoard (out_dir/tensorboard).")
     )
-    plots: bool = field(default=True, metadata=_help("Draw the run's plots at the end (out_dir/plots)."))
+    plots: bool = field(
+        default=True,
+        metadata=_help(
+            "Draw the run's plots at the end (out_dir/plots; grass-llm train draws them, train() from Python "
+            "leaves them to grass_llm.plots.plot_run)."
+        ),
+    )
     grass: GrassConfig = field(
         default_factory=dict,  # type: ignore[assignment]  # resolved into a GrassConfig in __post_init__
         metadata=_help("GRASS settings of the layer-wise methods (grass_llm.GrassConfig)."),

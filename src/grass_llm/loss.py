@@ -24,6 +24,15 @@ It has the signature of the HF ``Trainer``'s ``compute_loss_func``, which pops t
 the forward pass: ``Trainer(..., compute_loss_func=ChunkedCausalLMLoss(model))``. Under
 ``torch.no_grad()`` (evaluation) the model computes its logits as usual and the loss is still
 chunked. Torch only; the model is duck-typed (``get_output_embeddings``, ``config``).
+
+Invariants (referenced as ``# L1`` ... next to the code that relies on them):
+
+L1. The forward hook keeps the head's input of the LAST forward pass, and a loss consumes it: a
+    second loss without a forward pass in between is an error, never the loss of stale activations.
+L2. The logits are replaced by an empty tensor only while gradients are enabled (training, where
+    this loss is computed instead); under ``torch.no_grad()`` the model's own logits come back.
+L3. The gradients are computed in forward and saved; backward only scales them by the incoming
+    gradient, which ``loss.backward()`` seeds with exactly 1 (the multiply is skipped then).
 """
 
 from __future__ import annotations
@@ -168,7 +177,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if g is None or scale is None:
                 out.append(g)
             else:
-                out.append(g if _is_one(scale) else g * scale.to(g.dtype))
+                out.append(g if _is_one(scale) else g * scale.to(g.dtype))  # L3
         return out[0], out[1], out[2], None, None, None, None, None
 
 
@@ -227,8 +236,8 @@ class ChunkedCausalLMLoss:
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         (hidden,) = args
-        self._hidden = hidden
-        if torch.is_grad_enabled():
+        self._hidden = hidden  # L1
+        if torch.is_grad_enabled():  # L2
             return output.new_empty((*output.shape[:-1], 0))
         return None
 
@@ -242,7 +251,7 @@ class ChunkedCausalLMLoss:
     ) -> torch.Tensor:
         """The loss of the last forward pass. ``outputs`` (the model's output) is accepted for the HF
         ``Trainer``'s ``compute_loss_func`` signature and not read."""
-        hidden, self._hidden = self._hidden, None
+        hidden, self._hidden = self._hidden, None  # L1
         if hidden is None:
             raise RuntimeError(
                 "ChunkedCausalLMLoss: no forward pass of the model since the last loss (call the model first, "

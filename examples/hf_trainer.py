@@ -20,7 +20,7 @@ from transformers import Trainer, TrainingArguments
 from grass_llm import ChunkedCausalLMLoss, GrassConfig
 from grass_llm.data import builtin_sample, builtin_tokenizer, tokenize_records
 from grass_llm.integrations.hf import add_grass_callback, create_grass_optimizer_and_scheduler
-from grass_llm.recipes.models import tiny_llama
+from grass_llm.models import tiny_llama
 
 torch.manual_seed(0)
 tokenizer = builtin_tokenizer()

@@ -6,7 +6,7 @@ path does not change the bytes; 36 minutes on one thread of a shared 2-core mach
     python scripts/pretrain_tiny.py
 
 It writes ``src/grass_llm/assets/tiny-pretrained.safetensors`` (the weights, fp32) and
-``tiny-pretrained.json`` (the model's shape for ``grass_llm.recipes.models.tiny_llama``, the weights'
+``tiny-pretrained.json`` (the model's shape for ``grass_llm.models.tiny_llama``, the weights'
 SHA-256, and how they were made: this command, the corpus, the schedule, the final loss, the
 accuracy on the arithmetic facts, versions, hardware, date). ``load_tiny_pretrained`` refuses
 weights that do not match the recorded checksum; ``tests/test_pretrain_asset.py`` checks the shipped
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from grass_llm.data import builtin_corpus, builtin_tokenizer
-    from grass_llm.recipes.models import tiny_llama
+    from grass_llm.models import tiny_llama
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)

@@ -60,7 +60,7 @@ class RandomTokens(torch.utils.data.Dataset):
 
 def make_tiny_llama(num_layers: int = 4, vocab: int = 64, hidden: int = 16, tie: bool = False, seed: int = 0):
     """A random Llama small enough for many CPU steps a second."""
-    from grass_llm.recipes.models import tiny_llama
+    from grass_llm.models import tiny_llama
 
     return tiny_llama(vocab, hidden, num_layers, num_heads=2, max_positions=64, tie=tie, seed=seed)
 

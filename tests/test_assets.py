@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from grass_llm.recipes.models import TINY_PRETRAINED_ASSET, ModelLoadError, load_tiny_pretrained
+from grass_llm.models import TINY_PRETRAINED_ASSET, ModelLoadError, load_tiny_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,37 @@ def test_paper_config_runs_on_llm_adapters_data(tmp_path, shared_data):
     _run_shortened(
         CONFIGS[0].parent / "tinyllama-math-grass.yaml", tmp_path, [f"data={data}", "data_dir=null"]
     )
+
+
+def test_train_config_is_what_methods_read():
+    """``methods`` reads the settings through a protocol (so that ``train_config -> methods`` is the only
+    dependency between them); ``TrainConfig`` must keep satisfying it."""
+    from grass_llm.recipes.methods import LoraSettings, MethodSettings
+    from grass_llm.recipes.train_config import TrainConfig
+
+    cfg = TrainConfig(method="lora")
+    assert isinstance(cfg, MethodSettings) and isinstance(cfg.lora, LoraSettings)
+    assert cfg.learning_rate == 1e-4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("batch_sise=4", "unknown config key 'batch_sise'; did you mean batch_size?"),
+        ("gradient_checkpointing=true", "did you mean activation_checkpointing=full?"),
+        ("grass.bogus=1", "unknown config key 'grass.bogus'"),
+        ("grass=3", "grass is a section; set its keys, e.g. grass.<name>=..."),
+        ("lora.rank=x", "lora.rank='x' is invalid; allowed: an integer"),
+        ("lr=fast", "lr='fast' is invalid; allowed: a number"),
+    ],
+)
+def test_a_bad_setting_is_named_with_what_is_allowed(override, message):
+    from grass_llm.recipes.train_config import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match=re.escape(message)):
+        load_train_config(overrides=[override])
+
+
+def test_a_method_preset_is_completed_not_replaced_by_the_grass_keys_given():
+    cfg = load_train_config(overrides=["method=lisa", "grass.active_layers=3"])
+    assert (cfg.grass.period, cfg.grass.active_layers, cfg.grass.policy) == (10, 3, "uniform")

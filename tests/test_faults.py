@@ -29,7 +29,7 @@ pytest.importorskip("transformers")
 
 from grass_llm.cli import main
 from grass_llm.recipes.run_checkpoint import find_latest_checkpoint, list_checkpoints, verify_checkpoint
-from grass_llm.recipes.runlog import read_log
+from grass_llm.runlog import read_log
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
@@ -187,6 +187,32 @@ def test_sigterm_under_torchrun_saves_one_checkpoint(tmp_path):
     verify_checkpoint(ckpt)
     assert [d.name for _, d in list_checkpoints(tmp_path / "run")] == [ckpt.name]
     assert _log_steps(tmp_path / "run") == step
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_signal_while_the_plots_are_drawn(tmp_path, capsys, monkeypatch, signals):
+    """grass-llm train draws the plots after the run: one signal lets them finish, then stops like a
+    signal during the run (exit code 130, the resume command); a second one stops at once, saying where."""
+    import grass_llm.plots
+
+    drawn = grass_llm.plots.plot_run
+
+    def interrupted_plot_run(run_dir, out_dir=None):
+        for _ in range(signals):
+            os.kill(os.getpid(), signal.SIGINT)
+        return drawn(run_dir, out_dir)
+
+    monkeypatch.setattr(grass_llm.plots, "plot_run", interrupted_plot_run)
+    out_dir = tmp_path / "run"
+    rc, out, err = train(capsys, *FAST, "max_steps=3", "plots=true", f"out_dir={out_dir}")
+    assert rc == 130
+    assert (out_dir / "final").is_dir() and find_latest_checkpoint(out_dir).name == "step-000003"
+    if signals == 1:
+        assert (out_dir / "plots" / "layers_heatmap.png").is_file()
+        assert "stopped by SIGINT after step 3 of 3" in out and "continue with: grass-llm train" in out
+    else:
+        assert "stopped by SIGINT again while drawing the plots: stopped at once without it" in err
+        assert "the last checkpoint is " in err
 
 
 # ------------------------------------------------------------------------------------------------

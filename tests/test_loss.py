@@ -14,7 +14,7 @@ from grass_llm.loss import ChunkedCausalLMLoss, chunked_cross_entropy, unsupport
 transformers = pytest.importorskip("transformers")
 from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 
-from grass_llm.recipes.models import tiny_llama  # noqa: E402
+from grass_llm.models import tiny_llama  # noqa: E402
 
 
 def _data(dtype=torch.float32, B=3, T=9, H=16, V=50, seed=0):

@@ -1,4 +1,4 @@
-"""Run log (``grass_llm.recipes.runlog``) and plots (``grass_llm.plots``, ``grass-llm plot``)."""
+"""Run log (``grass_llm.runlog``) and plots (``grass_llm.plots``, ``grass-llm plot``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from grass_llm.plots import (
     plot_run,
     prepare_records,
 )
-from grass_llm.recipes.runlog import LOG_FILENAME, RunLogError, RunLogger, read_log
+from grass_llm.runlog import LOG_FILENAME, RunLogError, RunLogger, read_log
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_PNGS = ("layers_heatmap.png", "importance.png", "probabilities.png", "loss.png")

@@ -79,3 +79,24 @@ def test_resolve_warmup():
     assert resolve_warmup(5, None) == 5
     with pytest.raises(ValueError, match="fractional"):
         resolve_warmup(0.5, None)
+
+
+def test_warmup_after_probing_is_one_definition_for_train_and_the_trainer():
+    from grass_llm.schedule import warmup_after_delay
+
+    assert warmup_after_delay(0.1, 100, 5) == 10  # a fraction of the 95 steps after probing
+    assert warmup_after_delay(0.5, 10, 10) == 1  # probing takes every step: still a valid schedule
+    assert warmup_after_delay(3, None, 5) == 3
+
+
+def test_the_trainer_helper_takes_a_probing_phase_longer_than_the_run():
+    """The HF helper used to compute a negative warmup here and fail (grass-llm train clamped it)."""
+    from grass_llm import GrassConfig
+    from grass_llm.integrations.hf import create_grass_optimizer_and_scheduler
+    from grass_llm.models import tiny_llama
+
+    model = tiny_llama(32, hidden_size=16, num_layers=2, seed=0)
+    _, sched = create_grass_optimizer_and_scheduler(
+        model, grass_config=GrassConfig(active_layers=1, probe_steps=8), num_training_steps=4, warmup_steps=0.5
+    )
+    assert sched.lr_lambdas[0].warmup == 1 and sched.lr_lambdas[0].delay == 8

@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 
 from grass_llm.cli import main
 from grass_llm.recipes.run_checkpoint import find_latest_checkpoint
-from grass_llm.recipes.runlog import read_log
+from grass_llm.runlog import read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,11 +40,11 @@ def run(tmp_path, *overrides, name="run"):
 
 
 def _initial_tiny(seed=0):
-    from grass_llm.recipes.finetune import _load_model_and_tokenizer
+    from grass_llm.recipes.build import load_model
     from grass_llm.recipes.train_config import TrainConfig
 
     cfg = TrainConfig(model="builtin:tiny", max_length=64, seed=seed)
-    return _load_model_and_tokenizer(cfg, torch.float32, torch.device("cpu"))[0]
+    return load_model(cfg, torch.float32, torch.device("cpu"))[0]
 
 
 def _final_state(out):

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 from test_train import FAST, _final_state, run
 
-from grass_llm.recipes.runlog import read_log
+from grass_llm.runlog import read_log
 
 
 def test_memory_settings_change_no_number(tmp_path):
@@ -30,8 +30,8 @@ def test_memory_settings_change_no_number(tmp_path):
 
 def test_lisa_keeps_its_offload_and_precision_flags():
     """The LISA branch of the old config dropped grass.offload / overlap / fp32 flags."""
+    from grass_llm.models import tiny_llama
     from grass_llm.recipes.methods import build_method
-    from grass_llm.recipes.models import tiny_llama
     from grass_llm.recipes.train_config import TrainConfig
 
     grass = {

@@ -32,6 +32,19 @@ backward are stored in less memory, and restored bit for bit when backward needs
 
 For LLaMA2-7B at sequence 1024 that is 38 MiB per decoder layer, 1.2 GiB in all. Any other saved
 tensor is kept as it is.
+
+Invariants (referenced as ``# C1`` ... next to the code that relies on them):
+
+C1. A block's parameters train or are frozen together (GRASS switches whole units), so its first
+    parameter's ``requires_grad``, read at every forward pass, says whether the block trains; it is
+    read afresh each time because FSDP2 replaces the parameter objects.
+C2. A bf16/fp16 value converted to fp32 is exact, so keeping the source and upcasting again in
+    backward gives the same bits.
+C3. A ``silu`` / ``gelu`` output saved by the next op is recomputed from the input that the
+    activation's own backward saves anyway; that input must not have changed since the forward pass
+    (its ``_version`` is checked, and a change is an error rather than a wrong gradient).
+C4. The memo of upcasts is keyed by ``id`` and checked through a weak reference, so a tensor freed
+    during the forward pass and a new one at the same address are never confused.
 """
 
 from __future__ import annotations
@@ -85,7 +98,7 @@ _CHECKPOINTED_CLASSES: dict[type, type] = {}
 
 
 def _trains(block: nn.Module) -> bool:
-    # (GRASS switches a block's parameters together; read at every forward: FSDP2 replaces them)
+    # C1: GRASS switches a block's parameters together; read at every forward (FSDP2 replaces them)
     first = next(block.parameters(), None)
     return first is not None and first.requires_grad
 
@@ -248,9 +261,9 @@ class _Packer:
         name = type(node).__name__ if node is not None else ""
         if name == "ToCopyBackward0" and t.dtype == torch.float32:
             src = _source_dtype(node)
-            if src in _LOW:
+            if src in _LOW:  # C2
                 hit = self._memo.get(id(t))
-                if hit is not None and hit[0]() is t:
+                if hit is not None and hit[0]() is t:  # C4
                     return hit[1]
                 packed = _Upcast(t.to(src))
                 self._memo[id(t)] = (weakref.ref(t), packed)
@@ -258,7 +271,7 @@ class _Packer:
         elif name in ("SiluBackward0", "GeluBackward0"):
             x = getattr(node, "_saved_self", None)
             if isinstance(x, torch.Tensor) and x.shape == t.shape and x.dtype == t.dtype:
-                return _Recompute(name, x, getattr(node, "_saved_approximate", "none"))
+                return _Recompute(name, x, getattr(node, "_saved_approximate", "none"))  # C3
         return t
 
     @staticmethod
@@ -266,7 +279,7 @@ class _Packer:
         if isinstance(packed, _Upcast):
             return packed.low.float()
         if isinstance(packed, _Recompute):
-            if packed.x._version != packed.version:
+            if packed.x._version != packed.version:  # C3
                 raise RuntimeError(
                     "compact_saved_activations: the input of an activation was modified in place after the "
                     "forward pass; its output cannot be recomputed (run without compact activations)"

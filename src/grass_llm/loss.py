@@ -24,6 +24,15 @@ It has the signature of the HF ``Trainer``'s ``compute_loss_func``, which pops t
 the forward pass: ``Trainer(..., compute_loss_func=ChunkedCausalLMLoss(model))``. Under
 ``torch.no_grad()`` (evaluation) the model computes its logits as usual and the loss is still
 chunked. Torch only; the model is duck-typed (``get_output_embeddings``, ``config``).
+
+Invariants (referenced as ``# L1`` ... next to the code that relies on them):
+
+L1. The forward hook keeps the head's input of the LAST forward pass, and a loss consumes it: a
+    second loss without a forward pass in between is an error, never the loss of stale activations.
+L2. The logits are replaced by an empty tensor only while gradients are enabled (training, where
+    this loss is computed instead); under ``torch.no_grad()`` the model's own logits come back.
+L3. The gradients are computed in forward and saved; backward only scales them by the incoming
+    gradient, which ``loss.backward()`` seeds with exactly 1 (the multiply is skipped then).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "IGNORE_INDEX",
     "LOGITS_PER_CHUNK",
     "ChunkedCausalLMLoss",
     "causal_lm_loss",
@@ -42,6 +52,9 @@ __all__ = [
     "unsupported_reason",
 ]
 
+#: Label value that the loss ignores (``torch.nn.CrossEntropyLoss``'s and transformers' default): prompt
+#: tokens when only the response is trained, padding (``grass_llm.data`` writes it).
+IGNORE_INDEX = -100
 #: Logits per chunk (rows x vocabulary): 2**22, i.e. 16 MiB of fp32 logits per chunk, 131 rows of a
 #: 32k vocabulary, 16 of a 256k one (Liger-Kernel's fused linear cross-entropy picks 16 rows for the
 #: latter too). A chunk's peak is about 1.5 times its fp32 logits (plus its bf16 copy).
@@ -57,7 +70,7 @@ def chunked_cross_entropy(
     *,
     bias: torch.Tensor | None = None,
     shift_labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     num_items_in_batch: torch.Tensor | int | float | None = None,
     softcap: float | None = None,
     chunk_tokens: int | None = None,
@@ -164,7 +177,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if g is None or scale is None:
                 out.append(g)
             else:
-                out.append(g if _is_one(scale) else g * scale.to(g.dtype))
+                out.append(g if _is_one(scale) else g * scale.to(g.dtype))  # L3
         return out[0], out[1], out[2], None, None, None, None, None
 
 
@@ -210,7 +223,7 @@ class ChunkedCausalLMLoss:
     whose loss it cannot reproduce (:func:`unsupported_reason`).
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int | None = None, ignore_index: int = -100) -> None:
+    def __init__(self, model: nn.Module, chunk_tokens: int | None = None, ignore_index: int = IGNORE_INDEX) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"chunked loss: {type(model).__name__} is not supported: {reason}")
@@ -223,8 +236,8 @@ class ChunkedCausalLMLoss:
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         (hidden,) = args
-        self._hidden = hidden
-        if torch.is_grad_enabled():
+        self._hidden = hidden  # L1
+        if torch.is_grad_enabled():  # L2
             return output.new_empty((*output.shape[:-1], 0))
         return None
 
@@ -238,7 +251,7 @@ class ChunkedCausalLMLoss:
     ) -> torch.Tensor:
         """The loss of the last forward pass. ``outputs`` (the model's output) is accepted for the HF
         ``Trainer``'s ``compute_loss_func`` signature and not read."""
-        hidden, self._hidden = self._hidden, None
+        hidden, self._hidden = self._hidden, None  # L1
         if hidden is None:
             raise RuntimeError(
                 "ChunkedCausalLMLoss: no forward pass of the model since the last loss (call the model first, "

@@ -52,7 +52,8 @@ from grass_llm._optim.state_store import StateStore
 from grass_llm._optim.units import EXTRA_UNITS, UnitTable, no_weight_decay_ids
 from grass_llm._tensor import all_finite
 from grass_llm.config import GrassConfig
-from grass_llm.distributed.base import DataParallelBackend, LocalBackend, resolve_backend
+from grass_llm.distributed.base import DataParallelBackend, LocalBackend
+from grass_llm.distributed.resolve import resolve_backend
 from grass_llm.layers import LayerGroups, LayerSpec, discover_layers
 
 __all__ = ["GrassOptimizer", "no_weight_decay_ids"]

@@ -1,4 +1,4 @@
-"""Plots of a run directory's ``log.jsonl`` (schema: ``grass_llm.recipes.runlog``); ``grass-llm plot RUN_DIR``.
+"""Plots of a run directory's ``log.jsonl`` (schema: ``grass_llm.runlog``); ``grass-llm plot RUN_DIR``.
 
 ``plot_run`` writes up to four PNGs:
 
@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from grass_llm.recipes.runlog import LOG_FILENAME, RunLogError, read_log
+from grass_llm.run_layout import PLOTS_DIR
+from grass_llm.runlog import LOG_FILENAME, RunLogError, read_log
 
 __all__ = [
     "LINE_PLOT_MAX_LAYERS",
@@ -363,7 +364,7 @@ def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | 
     has no record. Plots whose data the log lacks are skipped (see the module docstring).
     """
     records = _load(run_dir)
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / PLOTS_DIR
     written, _ = _plot_records(records, out)
     return written
 

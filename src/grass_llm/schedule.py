@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SCHEDULES", "LRSchedule", "build_lr_scheduler", "resolve_warmup"]
+__all__ = ["SCHEDULES", "LRSchedule", "build_lr_scheduler", "resolve_warmup", "warmup_after_delay"]
 
 #: Schedule names (``transformers.SchedulerType`` values that are a function of the step alone).
 SCHEDULES = (
@@ -147,6 +147,14 @@ def resolve_warmup(warmup: float, training_steps: int | None) -> int:
             raise ValueError("a fractional warmup needs the number of training steps")
         return math.ceil(warmup * training_steps)
     return int(warmup)
+
+
+def warmup_after_delay(warmup: float, num_training_steps: int | None, delay_steps: int) -> int:
+    """Warmup steps of a schedule delayed by ``delay_steps`` (GRASS probing): a fraction in (0, 1) is of
+    the steps after the delay (at least one step, even when the delay takes them all), else a count.
+    What ``grass-llm train`` and the Hugging Face helper both use."""
+    after = None if num_training_steps is None else max(num_training_steps - delay_steps, 1)
+    return resolve_warmup(warmup, after)
 
 
 def build_lr_scheduler(

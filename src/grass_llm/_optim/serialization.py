@@ -14,14 +14,15 @@ optimizer. Config fields that change what is trained (:data:`TRAJECTORY_FIELDS`)
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from grass_llm._tensor import flat_params, param_index
 from grass_llm.config import GrassConfig
 
-if TYPE_CHECKING:
-    from grass_llm.optim import GrassOptimizer
+# ``opt`` below is a grass_llm.optim.GrassOptimizer (not imported: the optimizer sits a layer above its parts)
+GrassOptimizer = Any
 
 __all__ = ["TRAJECTORY_FIELDS", "load_state_dict", "state_dict"]
 
@@ -38,10 +39,10 @@ def state_dict(opt: GrassOptimizer) -> dict[str, Any]:
     sd = torch.optim.Optimizer.state_dict(opt)
     # torch.optim packs the live per-parameter dicts: copy them before adding to them
     sd["state"] = {i: dict(st) for i, st in sd["state"].items()}
-    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    index = param_index(opt.param_groups)
     for p, moments in opt.store.param_states(offloaded_only=True).items():
         sd["state"][index[id(p)]].update(moments)  # offloaded moments: host copies where torch.optim keeps them
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = flat_params(opt.param_groups)
     for i, st in sd["state"].items():  # FSDP2: states as DTensors sharded like their parameters
         sd["state"][i] = {k: v if k == "step" else opt.backend.export_state(v, params[i]) for k, v in st.items()}
     grass = opt.selection.state_dict()
@@ -90,7 +91,7 @@ def _check(opt: GrassOptimizer, sd: dict[str, Any], strict: bool) -> tuple[dict,
             f"{[len(g['params']) for g in groups]} parameters per group, expected "
             f"{[len(g['params']) for g in opt.param_groups]}"
         )
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = flat_params(opt.param_groups)
     tensors: dict[int, dict[str, torch.Tensor]] = {}
     for idx, st in sd["state"].items():
         if not isinstance(idx, int) or not 0 <= idx < len(params):
@@ -134,7 +135,7 @@ def load_state_dict(opt: GrassOptimizer, sd: dict[str, Any], strict: bool = True
     steps = {idx: {"step": torch.as_tensor(st["step"]).to("cpu", torch.float32)} for idx, st in sd["state"].items()}
     rest = {k: v for k, v in sd.items() if k != "grass"}
     torch.optim.Optimizer.load_state_dict(opt, {**rest, "param_groups": groups, "state": steps})
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = flat_params(opt.param_groups)
     opt.store.place_param_states(
         {params[i]: {k: opt.backend.import_state(v, params[i]) for k, v in ms.items()} for i, ms in tensors.items()}
     )

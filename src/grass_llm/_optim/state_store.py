@@ -28,6 +28,7 @@ from torch import nn
 from grass_llm._optim.adamw import Piece, adamw_pieces
 from grass_llm._optim.precision import PrecisionPolicy, exact_value
 from grass_llm._optim.units import UnitTable
+from grass_llm._tensor import param_index
 from grass_llm.config import GrassConfig
 from grass_llm.distributed.base import DataParallelBackend
 from grass_llm.offload import LayerStateOffloader
@@ -86,7 +87,7 @@ class StateStore:
         self.trained_units = list(trained_units)
         self.no_decay = no_decay
         # a parameter's position among all of them keys its stochastic-rounding random bits
-        self.param_number = {id(p): i for i, p in enumerate(p for g in groups() for p in g["params"])}
+        self.param_number = param_index(groups())
         self._kept: list[str] = []
         self.bind(device)
 

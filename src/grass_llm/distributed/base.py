@@ -44,7 +44,8 @@ the optimizer makes them:
 
 Where a new backend goes: a module of this package implementing these calls (``replicated.py`` for
 torch.distributed data parallelism; ``fsdp2.py`` for FSDP2-sharded models), and a branch in
-:func:`resolve_backend`.
+``grass_llm.distributed.resolve.resolve_backend`` (the one module that knows every backend: this one
+knows none, so the backends can build on it without an import cycle).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DataParallelBackend", "LocalBackend", "resolve_backend"]
+__all__ = ["DataParallelBackend", "LocalBackend", "collective_device"]
 
 
 class DataParallelBackend:
@@ -139,52 +140,12 @@ class LocalBackend(DataParallelBackend):
         return "LocalBackend()"
 
 
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
-
-
-def resolve_backend(distributed: Any, model: nn.Module) -> DataParallelBackend:
-    """The ``distributed`` argument of ``GrassOptimizer`` -> a backend.
-
-    ``"auto"``: ``FSDP2Backend`` for a model sharded with ``fully_shard``; else the replicated backend
-    when ``torch.distributed`` is initialised with more than one rank; else :class:`LocalBackend`.
-    ``True``: the same, but a process group must be initialised. ``None``/``False``: :class:`LocalBackend`
-    (not for an FSDP2 model). A :class:`DataParallelBackend`: used.
-    """
-    if _is_ddp(model):
-        raise TypeError(
-            "GrassOptimizer got a DistributedDataParallel model. Pass the unwrapped model and do not wrap it "
-            "in DDP: GRASS all-reduces the gradients of the active layers itself (DDP would reduce every "
-            "layer and reads the gradients that the probing phase frees). See docs/distributed.md."
-        )
-    if isinstance(distributed, DataParallelBackend):
-        return distributed
+def collective_device(group: Any = None) -> torch.device:
+    """Where small host values (a layer draw, a flag vector) go for a collective on ``group``: NCCL
+    needs CUDA tensors (on the current device); gloo and the fake backend take CPU tensors."""
     import torch.distributed as dist
 
-    initialized = dist.is_available() and dist.is_initialized()
-    fsdp2 = False
-    if initialized:
-        from grass_llm.distributed.fsdp2 import is_fsdp2_model
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-        fsdp2 = is_fsdp2_model(model)
-    if distributed is None or distributed is False:
-        if fsdp2:
-            raise ValueError(
-                "the model is sharded with FSDP2 (fully_shard); allowed: distributed='auto' or True"
-            )
-        return LocalBackend()
-    if distributed is True or distributed == "auto":
-        if distributed is True and not initialized:
-            raise RuntimeError("distributed=True needs torch.distributed.init_process_group() first")
-        if fsdp2:
-            from grass_llm.distributed.fsdp2 import FSDP2Backend
-
-            return FSDP2Backend(model)
-        if initialized and (distributed is True or dist.get_world_size() > 1):
-            from grass_llm.distributed.replicated import ReplicatedBackend
-
-            return ReplicatedBackend()
-        return LocalBackend()
-    raise ValueError(
-        f"distributed={distributed!r} is invalid; allowed: 'auto', True, False, None or a DataParallelBackend"
-    )

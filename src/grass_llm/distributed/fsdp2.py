@@ -33,6 +33,20 @@ sharded parameters' post-accumulate-grad hooks with the reduced shard. GRASS kee
   world size; ``load_state_dict`` accepts DTensors of any sharding, full tensors, or this rank's shards.
 
 A GradScaler is not supported with FSDP2 (its overflow check would be per rank); use bf16.
+
+Invariants (referenced as ``# F1`` ... next to the code that relies on them):
+
+F1. Every trainable parameter is a ``DTensor`` sharded on one 1-D mesh (checked in ``attach``), so
+    one process group carries every collective of the backend.
+F2. FSDP2 calls a sharded parameter's post-accumulate-grad hook with the reduced shard: the hooks see
+    the global batch's gradient (``gradients_final_in_hooks``), and the squared norms of the local
+    shards summed over the mesh (``reduce_sumsq_``) are the squared norms of the whole gradients.
+F3. While nothing is trained (probing) ``no_sync()`` changes nothing: FSDP2 keeps reduce-scattering
+    every micro-batch, since unsharded gradients of every layer would not fit.
+F4. The draw of the group's rank 0 is broadcast, so every rank trains the same layers.
+F5. An optimizer state is kept as this rank's shard of a tensor shaped like its parameter, and
+    saved as a ``DTensor`` sharded like it; a saved state of any sharding (or a full tensor, or this
+    rank's shard) loads on any world size.
 """
 
 from __future__ import annotations
@@ -45,7 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from grass_llm.distributed.base import DataParallelBackend
+from grass_llm.distributed.base import DataParallelBackend, collective_device
 
 __all__ = [
     "FSDP2Backend",
@@ -126,7 +140,7 @@ class FSDP2Backend(DataParallelBackend):
         model: the model, its decoder blocks and root passed through ``fully_shard``.
     """
 
-    gradients_final_in_hooks = True  # FSDP2 calls the hooks with the reduced shard
+    gradients_final_in_hooks = True  # F2: FSDP2 calls the hooks with the reduced shard
     probe_needs_whole_units = False
     supports_grad_scaler = False
 
@@ -154,7 +168,7 @@ class FSDP2Backend(DataParallelBackend):
     def attach(
         self, units: Sequence[Sequence[nn.Parameter]], on_reduced: Callable[[list[int]], None] | None = None
     ) -> None:
-        """Check that the units' parameters are sharded on one mesh and take it."""
+        """Check that the units' parameters are sharded on one mesh and take it (F1)."""
         DTensor = _dtensor_cls()
         params = [p for ps in units for p in ps]
         plain = [i for i, p in enumerate(params) if not isinstance(p, DTensor)]
@@ -177,7 +191,7 @@ class FSDP2Backend(DataParallelBackend):
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        if not self._trained:  # probing: FSDP keeps reduce-scattering (module docstring)
+        if not self._trained:  # F3: probing, FSDP keeps reduce-scattering
             yield
             return
         for m in self._fsdp_modules:
@@ -193,7 +207,7 @@ class FSDP2Backend(DataParallelBackend):
         return local_tensor(tensor)
 
     def reduce_sumsq_(self, sumsq: torch.Tensor) -> None:
-        """Squared norms of local shards -> of the whole gradients: a sum over the mesh (float64)."""
+        """Squared norms of local shards -> of the whole gradients: a sum over the mesh (float64, F2)."""
         buf = sumsq.to(torch.float64)
         dist.all_reduce(buf, group=self.group)
         sumsq.copy_(buf)
@@ -201,17 +215,12 @@ class FSDP2Backend(DataParallelBackend):
     def broadcast_layers(self, layers: Sequence[int]) -> list[int]:
         if dist.get_backend(self.group) == "fake":  # grass-llm memory's fake ranks: nothing to agree on
             return list(layers)
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend(self.group) == "nccl"
-            else "cpu"
-        )
-        t = torch.tensor(list(layers), dtype=torch.int64, device=device)
-        dist.broadcast(t, src=dist.get_global_rank(self.group, 0), group=self.group)
+        t = torch.tensor(list(layers), dtype=torch.int64, device=collective_device(self.group))
+        dist.broadcast(t, src=dist.get_global_rank(self.group, 0), group=self.group)  # F4
         return [int(i) for i in t.tolist()]
 
     # ------------------------------------------------------------------------------------------
-    # optimizer states: sharded like their parameters
+    # optimizer states: sharded like their parameters (F5)
     def export_state(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a state -> a DTensor sharded like ``param``."""
         if not isinstance(param, _dtensor_cls()) or value.dim() == 0:

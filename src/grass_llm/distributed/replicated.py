@@ -38,11 +38,27 @@ What each rank does, and the invariant that keeps the ranks identical:
   every rank's result is complete and no communication happens. Loading on any world size works:
   each rank loads the full state and, with sharding, drops the units it does not own.
 
-Collective-order invariant: every rank runs the same model code on batches of the same shape, so
-the autograd engine makes the same gradients ready in the same order on every rank, and the
-collectives launched from hooks match across ranks. A unit whose gradients are only partly produced
-is reduced at the end of the backward pass, in unit order, with zeros for the missing gradients; a
-parameter that has a gradient on no rank keeps ``.grad = None``.
+Invariants (referenced as ``# R1`` ... next to the code that relies on them):
+
+R1. Every rank runs the same model code on batches of the same shape, so the autograd engine makes
+    the same gradients ready in the same order on every rank, and the collectives launched from the
+    gradient hooks match across ranks.
+R2. A unit's all-reduce buffer depends only on which of its parameters require grad (the same on
+    every rank): one buffer per dtype, the gradients in parameter order (a missing one as zeros),
+    then one presence flag per parameter. A parameter with a gradient on no rank keeps
+    ``.grad = None``.
+R3. A buffer in flight stays referenced (``_pending``, ``_probe_pending``) until its ``work.wait()``,
+    so the caching allocator does not hand its memory out while the collective uses it.
+R4. The end-of-backward callback is queued by the first synchronised hook of a backward pass; it
+    launches the units whose gradients were only partly produced, in unit order, waits for every
+    all-reduce and writes the means into ``.grad`` before the optimizer is told (``on_reduced``): no
+    one reads a unit's gradient before it is the global batch's.
+R5. Backward passes under ``no_sync()`` reduce nothing; ``reduce_gradients`` (in ``step()``) reduces
+    the trained units no backward pass synchronised, in unit order, so again in the same order on
+    every rank.
+R6. Probing keeps at most two layers' all-reduces in flight and completes them in launch order.
+R7. ZeRO-1: unit ``j`` is owned by rank ``j % world_size`` on every rank, and ``broadcast_updates``
+    gets the units in ``param_groups`` order on every rank, so the broadcasts match.
 """
 
 from __future__ import annotations
@@ -57,7 +73,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from grass_llm.distributed.base import DataParallelBackend
+from grass_llm.distributed.base import DataParallelBackend, collective_device
 
 __all__ = ["ReplicatedBackend"]
 
@@ -117,12 +133,6 @@ class ReplicatedBackend(DataParallelBackend):
     def _global_rank(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
-    def _small_device(self) -> torch.device:
-        """Where small host-side values (the draw) travel: NCCL needs CUDA tensors."""
-        if dist.get_backend(self.group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
     # ------------------------------------------------------------------------------------------
     # wiring
     def attach(
@@ -165,7 +175,7 @@ class ReplicatedBackend(DataParallelBackend):
         def hook(p: torch.Tensor) -> None:
             if unit not in self._trained:  # probing, or a unit not trained now
                 return
-            if not self.sync_gradients:
+            if not self.sync_gradients:  # R5
                 if unit in self._reduced and not self._warned_order:
                     # (a warning, not an error: a step skipped without step(), e.g. on inf, looks the same)
                     warnings.warn(
@@ -177,7 +187,7 @@ class ReplicatedBackend(DataParallelBackend):
                     self._warned_order = True
                 return
             if not self._callback_queued:
-                # runs once the whole backward pass is done, on the engine's thread (as DDP does)
+                # R4: runs once the whole backward pass is done, on the engine's thread (as DDP does)
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
                 self._callback_queued = True
             n = self._counts.get(unit, 0) + 1
@@ -187,24 +197,26 @@ class ReplicatedBackend(DataParallelBackend):
 
         return hook
 
+    def _by_dtype(self, unit: int) -> dict[torch.dtype, list[nn.Parameter]]:
+        """The unit's parameters that require grad, grouped by dtype (in parameter order)."""
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in self._params[unit]:
+            if p.requires_grad:
+                by_dtype.setdefault(p.dtype, []).append(p)
+        return by_dtype
+
     def _launch(self, unit: int) -> None:
         """Start the all-reduce (mean) of one unit's gradients: one buffer per dtype.
 
         Missing gradients count as zeros; the presence flags appended to the buffer tell which
-        parameters had a gradient on some rank. Invariant: the buffer layout depends only on which
-        parameters require grad, which is the same on every rank."""
-        params = [p for p in self._params[unit] if p.requires_grad]
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for dtype, ps in by_dtype.items():
+        parameters had a gradient on some rank (R2)."""
+        for dtype, ps in self._by_dtype(unit).items():  # R2
             parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
             flags = torch.tensor([p.grad is not None for p in ps], dtype=dtype, device=ps[0].device)
             flat = torch.cat([*parts, flags])
             flat.div_(self.world_size)  # pre-divide, as DDP does (gloo has no AVG)
-            work = dist.all_reduce(flat, group=self.group, async_op=True)
-            # invariant: flat stays referenced in _pending until work.wait(), so its memory is not reused
-            self._pending.append(_Pending(work, flat, ps, unit))
+            work = dist.all_reduce(flat, group=self.group, async_op=True)  # R1: same order on every rank
+            self._pending.append(_Pending(work, flat, ps, unit))  # R3
         self._launched.add(unit)
 
     def _complete(self) -> None:
@@ -229,7 +241,7 @@ class ReplicatedBackend(DataParallelBackend):
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
-        for unit in sorted(self._counts):
+        for unit in sorted(self._counts):  # R4: in unit order, on every rank
             if unit not in self._launched:  # some trainable parameter got no gradient in this pass
                 self._launch(unit)
         self._complete()
@@ -243,7 +255,7 @@ class ReplicatedBackend(DataParallelBackend):
         Normally the end-of-backward callback did it; units never synchronised since the last step
         (all micro-batches under ``no_sync()``) are reduced now, in unit order."""
         self._complete()
-        for unit in sorted(unit_ids):
+        for unit in sorted(unit_ids):  # R5
             if unit not in self._reduced:
                 self._launch(unit)
         self._complete()
@@ -259,12 +271,12 @@ class ReplicatedBackend(DataParallelBackend):
         self, unit_id: int, grads: Sequence[torch.Tensor], on_sumsq: Callable[[int, torch.Tensor], None]
     ) -> None:
         """Start the all-reduce (mean, fp32) of one layer's accumulated probing gradient; its squared
-        norm reaches ``on_sumsq`` when it completes. Invariant: every rank reduces the layers in the same
-        order with the same layout (missing gradients as zeros), as for training."""
+        norm reaches ``on_sumsq`` when it completes. Every rank reduces the layers in the same order
+        with the same layout (missing gradients as zeros), as for training (R1, R2)."""
         flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]).div_(self.world_size)
         work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self._probe_pending.append((unit_id, work, flat, on_sumsq))
-        while len(self._probe_pending) > 2:  # bounds the probing buffers on the device to 2 layers
+        self._probe_pending.append((unit_id, work, flat, on_sumsq))  # R3
+        while len(self._probe_pending) > 2:  # R6: bounds the probing buffers on the device to 2 layers
             self._finish_probe_one()
 
     def _finish_probe_one(self) -> None:
@@ -277,7 +289,7 @@ class ReplicatedBackend(DataParallelBackend):
             self._finish_probe_one()
 
     def broadcast_layers(self, layers: Sequence[int]) -> list[int]:
-        t = torch.tensor(list(layers), dtype=torch.int64, device=self._small_device())
+        t = torch.tensor(list(layers), dtype=torch.int64, device=collective_device(self.group))
         dist.broadcast(t, src=self._global_rank(0), group=self.group)
         return [int(i) for i in t.tolist()]
 
@@ -294,20 +306,16 @@ class ReplicatedBackend(DataParallelBackend):
     def broadcast_updates(self, unit_ids: Sequence[int]) -> None:
         """After the owners stepped their units: every rank receives the new weights.
 
-        Invariant: ``unit_ids`` comes in the same order on every rank (``param_groups`` order)."""
+        ``unit_ids`` comes in the same order on every rank (``param_groups`` order, R7)."""
         if not self.shard_optimizer_states or self.world_size == 1:
             return
         pending = []
         for unit in unit_ids:
             src = self._global_rank(self.owner(unit))
-            params = [p for p in self._params[unit] if p.requires_grad]
-            by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-            for p in params:
-                by_dtype.setdefault(p.dtype, []).append(p)
-            for ps in by_dtype.values():
+            for ps in self._by_dtype(unit).values():
                 flat = torch.cat([p.detach().reshape(-1) for p in ps])
                 work = dist.broadcast(flat, src=src, group=self.group, async_op=True)
-                pending.append((work, flat, ps, src))
+                pending.append((work, flat, ps, src))  # R3
         for work, flat, ps, src in pending:
             work.wait()
             if src != self._global_rank(self.rank):

@@ -20,14 +20,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from grass_llm._tensor import flat_params, param_index
+
 __all__ = ["OPTIMIZER_FILE", "load_sharded_checkpoint", "save_sharded_checkpoint", "shard_like_params"]
 
 OPTIMIZER_FILE = "grass_optimizer.pt"
 
 
 def _names(model: nn.Module, optimizer: Any) -> tuple[list[nn.Parameter], dict[int, str]]:
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    return params, {id(p): n for n, p in model.named_parameters()}
+    return flat_params(optimizer.param_groups), {id(p): n for n, p in model.named_parameters()}
 
 
 def _is_main() -> bool:
@@ -90,7 +91,7 @@ def load_sharded_checkpoint(path: str | Path, model: nn.Module, optimizer: Any) 
     dcp.load({"model": model_sd, "optim": states}, checkpoint_id=str(path))
     model.load_state_dict(model_sd)
     rest = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    index = {id(p): i for i, p in enumerate(params)}
+    index = param_index(optimizer.param_groups)
     packed: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in states.items():
         name, state_key = key.rsplit("/", 1)
@@ -109,7 +110,7 @@ def shard_like_params(optimizer_state: dict[str, Any], optimizer: Any) -> dict[s
 
     from grass_llm.distributed.fsdp2 import like_param, shard_of
 
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    params = flat_params(optimizer.param_groups)
     state = {}
     for i, st in optimizer_state["state"].items():
         p = params[int(i)]

@@ -43,7 +43,7 @@ from torch import nn
 from grass_llm.config import GrassConfig
 from grass_llm.layers import LayerSpec
 from grass_llm.optim import GrassOptimizer
-from grass_llm.schedule import build_lr_scheduler, resolve_warmup
+from grass_llm.schedule import build_lr_scheduler, warmup_after_delay
 
 try:
     from transformers.trainer_callback import TrainerCallback
@@ -119,11 +119,10 @@ def create_grass_optimizer_and_scheduler(
     optimizer = GrassOptimizer(
         model, config=cfg, lr=lr, betas=tuple(betas), eps=eps, weight_decay=wd, layers=layers
     )
-    train_steps = None if num_training_steps is None else num_training_steps - cfg.probe_steps
     scheduler = build_lr_scheduler(
         optimizer,
         sched_name,
-        num_warmup_steps=resolve_warmup(warmup, train_steps),
+        num_warmup_steps=warmup_after_delay(warmup, num_training_steps, cfg.probe_steps),
         num_training_steps=num_training_steps,
         delay_steps=cfg.probe_steps,
         scheduler_kwargs=scheduler_kwargs,

@@ -22,19 +22,59 @@ one); any other method gives its own ``optimizer`` (and ``wrap``, if it changes 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from grass_llm.distributed.base import DataParallelBackend
-    from grass_llm.recipes.train_config import TrainConfig
+from grass_llm._tensor import DTYPES
+from grass_llm.run_layout import ADAPTER_DIR
 
-__all__ = ["METHODS", "Method", "MethodError", "build_method", "get_method", "register_method", "wrap_lora"]
+if TYPE_CHECKING:
+    from grass_llm.config import GrassConfig
+    from grass_llm.distributed.base import DataParallelBackend
+
+__all__ = [
+    "METHODS",
+    "LoraSettings",
+    "Method",
+    "MethodError",
+    "MethodSettings",
+    "build_method",
+    "get_method",
+    "register_method",
+    "wrap_lora",
+]
+
+
+@runtime_checkable
+class LoraSettings(Protocol):
+    """The LoRA / DoRA settings a method reads (``TrainConfig.lora``)."""
+
+    rank: int
+    alpha: float
+    target_modules: Sequence[str]
+    dropout: float
+    dtype: str  # model, fp32 or bf16
+    merge: bool
+
+
+@runtime_checkable
+class MethodSettings(Protocol):
+    """What a method reads of the run's settings: a ``grass_llm.recipes.train_config.TrainConfig``
+    satisfies it. (A protocol, so that the dependency runs ``train_config -> methods`` only.)"""
+
+    method: str
+    model: str
+    weight_decay: float
+    grass: GrassConfig
+    lora: LoraSettings
+
+    @property
+    def learning_rate(self) -> float: ...
 
 
 class MethodError(ValueError):
@@ -68,10 +108,10 @@ class Method:
     default_lr: float
     grass: dict[str, Any] | None = None
     grass_fixed: dict[str, Any] = field(default_factory=dict)
-    wrap: Callable[[nn.Module, Any], nn.Module] | None = None
-    optimizer: Callable[[nn.Module, Any], torch.optim.Optimizer] | None = None
+    wrap: Callable[[nn.Module, MethodSettings], nn.Module] | None = None
+    optimizer: Callable[[nn.Module, MethodSettings], torch.optim.Optimizer] | None = None
     adapters_only: bool = False
-    save_final: Callable[[nn.Module, Path, Any], tuple[Path, str]] | None = None
+    save_final: Callable[[nn.Module, Path, MethodSettings], tuple[Path, str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -104,7 +144,7 @@ def get_method(name: str) -> Method:
 
 def build_method(
     model: nn.Module,
-    cfg: TrainConfig,
+    cfg: MethodSettings,
     backend: DataParallelBackend | str | None = "auto",
     shard: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -136,7 +176,7 @@ def build_method(
 
 # ------------------------------------------------------------------------------------------------
 # builders
-def _adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def _adamw(model: nn.Module, cfg: MethodSettings) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` over the trainable parameters, with GrassOptimizer's weight-decay convention
     (none on biases and norm weights) so that the baselines compare like for like; the fused kernel on
     CUDA (what the HF Trainer uses by default: no temporaries the size of the model)."""
@@ -153,7 +193,7 @@ def _adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
 
 
-def _fft_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def _fft_optimizer(model: nn.Module, cfg: MethodSettings) -> torch.optim.AdamW:
     for p in model.parameters():
         p.requires_grad_(True)
     return _adamw(model, cfg)
@@ -192,26 +232,26 @@ def wrap_lora(
     return model
 
 
-def _wrap_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+def _wrap_lora(model: nn.Module, cfg: MethodSettings) -> nn.Module:
     lo = cfg.lora
     model_dtype = next(model.parameters()).dtype
-    dtype = {"model": model_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[lo.dtype]
+    dtype = model_dtype if lo.dtype == "model" else DTYPES[lo.dtype]
     return wrap_lora(model, lo.rank, lo.alpha, lo.target_modules, lo.dropout, cfg.method == "dora", dtype)
 
 
 # ------------------------------------------------------------------------------------------------
 # final models
-def _save_full(model: nn.Module, final: Path, cfg: Any) -> tuple[Path, str]:
+def _save_full(model: nn.Module, final: Path, cfg: MethodSettings) -> tuple[Path, str]:
     model.save_pretrained(final)
     return final, "full model + tokenizer"
 
 
-def _save_adapter(model: nn.Module, final: Path, cfg: Any) -> tuple[Path, str]:
-    model.save_pretrained(final / "adapter")
+def _save_adapter(model: nn.Module, final: Path, cfg: MethodSettings) -> tuple[Path, str]:
+    model.save_pretrained(final / ADAPTER_DIR)
     if cfg.lora.merge:
         model.merge_and_unload().save_pretrained(final)
-        return final, f"merged {cfg.method} model + tokenizer; adapter alone in {final / 'adapter'}"
-    return final / "adapter", f"{cfg.method} adapter + tokenizer (load on top of {cfg.model})"
+        return final, f"merged {cfg.method} model + tokenizer; adapter alone in {final / ADAPTER_DIR}"
+    return final / ADAPTER_DIR, f"{cfg.method} adapter + tokenizer (load on top of {cfg.model})"
 
 
 for _method in (

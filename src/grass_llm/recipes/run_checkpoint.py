@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from grass_llm.distributed.sharded_checkpoint import OPTIMIZER_FILE as SHARDED_OPTIMIZER_FILE
+from grass_llm.run_layout import CHECKPOINT_DIR
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -51,6 +52,7 @@ __all__ = [
     "CheckpointIssue",
     "begin_checkpoint",
     "checkpoint_path",
+    "delete_checkpoints",
     "file_digests",
     "find_latest_checkpoint",
     "find_resumable",
@@ -64,7 +66,6 @@ __all__ = [
     "verify_checkpoint",
 ]
 
-CHECKPOINT_DIR = "checkpoints"
 STEP_PREFIX = "step-"
 FORMAT = 2
 _TMP_SUFFIX = ".tmp"
@@ -74,8 +75,9 @@ MODEL_FILE = "model.safetensors"
 TORCH_FILES = ("optimizer", "state")
 #: a sharded checkpoint's model + optimizer (torch.distributed.checkpoint, every rank's shards)
 SHARDED_DIR = "sharded"
-_NAME = re.compile(r"^step-(\d+)$")
-_TMP = re.compile(r"^step-(\d+)\.tmp$")
+_NAME = re.compile(rf"^{STEP_PREFIX}(\d+)$")  # a checkpoint
+_TMP = re.compile(rf"^{STEP_PREFIX}(\d+)\.tmp$")  # an interrupted save
+_ANY = re.compile(rf"^{STEP_PREFIX}\d+(\..+)?$")  # either, or one set aside (.corrupt, .incomplete...)
 
 
 class CheckpointError(ValueError):
@@ -241,6 +243,20 @@ def _rotate(root: Path, step: int) -> None:
         leftover = _TMP.match(d.name) is not None or d.name.endswith(".replaced" + _TMP_SUFFIX)
         if superseded or leftover:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def delete_checkpoints(run_dir: str | Path) -> None:
+    """``overwrite=true``: delete every entry of ``run_dir/checkpoints`` named like a checkpoint
+    (``step-N``, and ``step-N.<suffix>``: leftovers of saves, checkpoints set aside), then the directory
+    if nothing else is in it. Anything else there is left alone."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return
+    for d in root.iterdir():
+        if _ANY.match(d.name):
+            shutil.rmtree(d) if d.is_dir() else d.unlink()
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only if nothing else is in it
 
 
 # ------------------------------------------------------------------------------------------------

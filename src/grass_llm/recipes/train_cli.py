@@ -1,5 +1,6 @@
 """The ``grass-llm train`` command line: arguments, settings from ``--config`` / ``key=value`` / the
-checkpoint being resumed, exit codes and the summary. The run itself is ``grass_llm.recipes.finetune``.
+checkpoint being resumed, the run (``grass_llm.recipes.finetune``), its plots (``grass_llm.plots``, drawn
+here once the run has returned), exit codes and the summary.
 """
 
 from __future__ import annotations
@@ -8,29 +9,23 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from grass_llm.recipes.finetune import (
-    _SECTIONS,
-    DEMO_CONFIG,
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_OK,
-    TrainFailed,
-    TrainInputError,
-    TrainResult,
-    _pct,
-    config_yaml,
-    train,
-)
+from grass_llm.recipes.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, TrainFailed, TrainInputError
+from grass_llm.recipes.finetune import DEMO_CONFIG, TrainResult, stopped_detail, train
 from grass_llm.recipes.interrupt import Interrupted, StopSignals, signal_name
+from grass_llm.recipes.reporting import pct
+from grass_llm.recipes.resume import SECTIONS
 from grass_llm.recipes.train_config import (
     PER_INVOCATION,
     RESUME_CHANGEABLE,
     TrainConfig,
     TrainConfigError,
+    config_yaml,
     load_train_config,
 )
+from grass_llm.run_layout import TENSORBOARD_DIR
 
 __all__ = ["add_cli_arguments", "cli_main", "config_from_cli", "normalize_argv"]
 
@@ -135,7 +130,7 @@ def config_from_cli(
     base = {
         k: v
         for k, v in saved.items()
-        if k not in PER_INVOCATION and k in TrainConfig.keys() + list(_SECTIONS)
+        if k not in PER_INVOCATION and k in TrainConfig.keys() + list(SECTIONS)
     }
     if isinstance(base.get("grass"), dict):  # follow from the top-level keys
         base["grass"] = {k: v for k, v in base["grass"].items() if k not in ("max_grad_norm", "seed")}
@@ -181,6 +176,8 @@ def cli_main(args: argparse.Namespace) -> int:
         signals = StopSignals().install()
     try:
         result = train(cfg, signals=signals, resume_args=_resume_args(args.config, args.overrides))
+        if main_rank and cfg.plots and result.interrupted is None:
+            result = _with_plots(result, signals)
     except (TrainInputError, TrainConfigError) as e:
         print(f"grass-llm train: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -200,6 +197,31 @@ def cli_main(args: argparse.Namespace) -> int:
     if main_rank:
         _print_summary(result)
     return result.exit_code
+
+
+def _with_plots(result: TrainResult, signals: StopSignals) -> TrainResult:
+    """``result`` with the run's plots drawn. A first signal meanwhile lets them finish and then stops
+    the command as it would have stopped the run (exit code 128 + N); a second one stops it at once."""
+    with signals.deferred():
+        try:
+            plots = _draw_plots(result.run_dir)
+        except Interrupted as e:
+            e.detail = stopped_detail("drawing the plots", result.checkpoint, result.resume_command)
+            raise
+    return dataclasses.replace(result, plots=plots, interrupted=signals.received)
+
+
+def _draw_plots(run_dir: Path) -> list[Path]:
+    try:
+        from grass_llm.plots import plot_run
+    except ImportError as e:
+        warnings.warn(f"plots skipped: {e}", UserWarning, stacklevel=2)
+        return []
+    try:
+        return [Path(p) for p in plot_run(run_dir)]
+    except Exception as e:  # plotting must never fail a finished run
+        warnings.warn(f"plots skipped: {type(e).__name__}: {e}", UserWarning, stacklevel=2)
+        return []
 
 
 def _print_summary(r: TrainResult) -> None:
@@ -222,7 +244,7 @@ def _print_summary(r: TrainResult) -> None:
         )
     if r.heldout is not None:
         before, after, n = r.heldout
-        what = f"{_pct(before)} -> {_pct(after)}" if after is not None else f"{_pct(before)} before training"
+        what = f"{pct(before)} -> {pct(after)}" if after is not None else f"{pct(before)} before training"
         print(
             f"  held-out accuracy: {what} ({n} arithmetic questions not in the training data, greedy decoding)"
         )
@@ -230,7 +252,7 @@ def _print_summary(r: TrainResult) -> None:
         print(f"  checkpoint: {r.checkpoint}  (continue with --resume)")
     print(f"  model:      {r.final_dir if r.final_dir is not None else '-'}  ({r.final_kind})")
     print(f"  log:        {r.log_path}")
-    tb = r.run_dir / "tensorboard"
+    tb = r.run_dir / TENSORBOARD_DIR
     if tb.exists():
         print(f"  tensorboard: tensorboard --logdir {tb}")
     if r.plots:

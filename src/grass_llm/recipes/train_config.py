@@ -22,15 +22,30 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from grass_llm.config import ConfigError, GrassConfig
+from grass_llm.recipes.config_values import (
+    TrainConfigError,
+    build_dataclass,
+    check_bool,
+    check_choice,
+    check_int,
+    check_non_negative,
+    check_positive,
+    deep_update,
+    dotted_help,
+    nest,
+    parse_scalar,
+    read_yaml_mapping,
+)
 from grass_llm.recipes.methods import METHODS, get_method
+
+# (the names memory/estimate.py and older code import from here)
+_nest, _parse_scalar = nest, parse_scalar
 
 __all__ = [
     "CHECKPOINTING",
@@ -43,6 +58,7 @@ __all__ = [
     "LoraSection",
     "TrainConfig",
     "TrainConfigError",
+    "config_yaml",
     "load_train_config",
 ]
 
@@ -74,10 +90,6 @@ SCHEDULES = ("linear", "cosine", "constant")
 STRATEGIES = ("auto", "replicated", "fsdp2")
 #: GrassConfig keys that follow from top-level keys (``policy`` follows from the method)
 _GRASS_FROM = {"max_grad_norm": "max_grad_norm", "seed": "seed"}
-
-
-class TrainConfigError(ValueError):
-    """A training setting is unknown or out of range. The message names the key and what is allowed."""
 
 
 def _help(text: str) -> dict[str, str]:
@@ -290,7 +302,13 @@ class TrainConfig:
     tensorboard: bool = field(
         default=True, metadata=_help("Mirror the log to TensorBoard (out_dir/tensorboard).")
     )
-    plots: bool = field(default=True, metadata=_help("Draw the run's plots at the end (out_dir/plots)."))
+    plots: bool = field(
+        default=True,
+        metadata=_help(
+            "Draw the run's plots at the end (out_dir/plots; grass-llm train draws them, train() from Python "
+            "leaves them to grass_llm.plots.plot_run)."
+        ),
+    )
     grass: GrassConfig = field(
         default_factory=dict,  # type: ignore[assignment]  # resolved into a GrassConfig in __post_init__
         metadata=_help("GRASS settings of the layer-wise methods (grass_llm.GrassConfig)."),
@@ -303,8 +321,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, cls in (("lora", LoraSection), ("distributed", DistributedSection)):
             if isinstance(getattr(self, name), dict):
-                setattr(self, name, _build(cls, getattr(self, name), prefix=f"{name}."))
-        _choice("method", self.method, tuple(METHODS))
+                setattr(self, name, build_dataclass(cls, getattr(self, name), _unknown_key, prefix=f"{name}."))
+        check_choice("method", self.method, tuple(METHODS))
         self.grass = self._resolve_grass(self.grass)
         self.validate()
 
@@ -354,10 +372,10 @@ class TrainConfig:
     # -- validation -------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``TrainConfigError`` naming the first bad key and what is allowed."""
-        _choice("method", self.method, tuple(METHODS))
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
+        check_choice("method", self.method, tuple(METHODS))
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         for name in ("model", "data"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TrainConfigError(
@@ -365,27 +383,27 @@ class TrainConfig:
                 )
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise TrainConfigError(f"device={self.device!r} is invalid; allowed: auto, cpu, cuda, cuda:N")
-        _int("max_length", self.max_length, 8)
-        _int("batch_size", self.batch_size, 1)
-        _int("grad_accum", self.grad_accum, 1)
-        _int("save_every", self.save_every, 0)
-        _int("max_nonfinite_steps", self.max_nonfinite_steps, 0)
-        _int("eval_heldout", self.eval_heldout, 0)
+        check_int("max_length", self.max_length, 8)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("grad_accum", self.grad_accum, 1)
+        check_int("save_every", self.save_every, 0)
+        check_int("max_nonfinite_steps", self.max_nonfinite_steps, 0)
+        check_int("eval_heldout", self.eval_heldout, 0)
         if self.threads is not None:
-            _int("threads", self.threads, 1)
+            check_int("threads", self.threads, 1)
 
-        _int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0)
         if self.max_steps is not None:
-            _int("max_steps", self.max_steps, 1)
+            check_int("max_steps", self.max_steps, 1)
         if self.stop_at_step is not None:
-            _int("stop_at_step", self.stop_at_step, 1)
-        _positive("epochs", self.epochs)
+            check_int("stop_at_step", self.stop_at_step, 1)
+        check_positive("epochs", self.epochs)
         if self.lr is not None:
-            _positive("lr", self.lr)
-        _non_negative("warmup", self.warmup)
-        _non_negative("weight_decay", self.weight_decay)
+            check_positive("lr", self.lr)
+        check_non_negative("warmup", self.warmup)
+        check_non_negative("weight_decay", self.weight_decay)
         if self.max_grad_norm is not None:
-            _positive("max_grad_norm", self.max_grad_norm)
+            check_positive("max_grad_norm", self.max_grad_norm)
         if self.packing and self.group_by_length:
             raise TrainConfigError("packing and group_by_length are both true; allowed: at most one of them")
         for name in (
@@ -395,25 +413,25 @@ class TrainConfig:
             "chunked_loss",
             "compact_activations",
         ):
-            _bool(name, getattr(self, name))
-        _bool("tensorboard", self.tensorboard)
-        _bool("overwrite", self.overwrite)
-        _bool("plots", self.plots)
-        _bool("distributed.shard_optimizer_states", self.distributed.shard_optimizer_states)
-        _choice("distributed.strategy", self.distributed.strategy, STRATEGIES)
+            check_bool(name, getattr(self, name))
+        check_bool("tensorboard", self.tensorboard)
+        check_bool("overwrite", self.overwrite)
+        check_bool("plots", self.plots)
+        check_bool("distributed.shard_optimizer_states", self.distributed.shard_optimizer_states)
+        check_choice("distributed.strategy", self.distributed.strategy, STRATEGIES)
         if self.distributed.strategy == "fsdp2" and self.distributed.shard_optimizer_states:
             raise TrainConfigError(
                 "distributed.shard_optimizer_states=true is for distributed.strategy=replicated; under fsdp2 "
                 "the optimizer states are sharded like the weights already. Allowed: one of the two"
             )
         lo = self.lora
-        _int("lora.rank", lo.rank, 1)
-        _positive("lora.alpha", lo.alpha)
-        _non_negative("lora.dropout", lo.dropout)
+        check_int("lora.rank", lo.rank, 1)
+        check_positive("lora.alpha", lo.alpha)
+        check_non_negative("lora.dropout", lo.dropout)
         if lo.dropout >= 1:
             raise TrainConfigError(f"lora.dropout={lo.dropout!r} is invalid; allowed: a float in [0, 1)")
-        _choice("lora.dtype", lo.dtype, ("model", "fp32", "bf16"))
-        _bool("lora.merge", lo.merge)
+        check_choice("lora.dtype", lo.dtype, ("model", "fp32", "bf16"))
+        check_bool("lora.merge", lo.merge)
         if not lo.target_modules or not all(isinstance(m, str) and m for m in lo.target_modules):
             raise TrainConfigError(
                 f"lora.target_modules={lo.target_modules!r} is invalid; allowed: a non-empty list of module names"
@@ -426,35 +444,17 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a (possibly nested, possibly dotted) dict; unknown keys raise ``TrainConfigError``."""
-        return _build(cls, _nest(data), prefix="")
+        return build_dataclass(cls, nest(data), _unknown_key, raw_sections=(GrassConfig,))
 
     @classmethod
     def keys(cls) -> list[str]:
         """Every settable key, nested ones dotted (``grass.active_layers``)."""
-        out = []
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            sub = _section_class(hints[f.name])
-            if sub is None:
-                out.append(f.name)
-            else:
-                out.extend(f"{f.name}.{g.name}" for g in dataclasses.fields(sub))
-        return out
+        return list(dotted_help(cls))
 
     @classmethod
     def help(cls) -> dict[str, str]:
         """Dotted key -> help text."""
-        out = {}
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            sub = _section_class(hints[f.name])
-            if sub is None:
-                out[f.name] = f.metadata.get("help", "")
-            else:
-                out.update(
-                    {f"{f.name}.{g.name}": g.metadata.get("help", "") for g in dataclasses.fields(sub)}
-                )
-        return out
+        return dotted_help(cls)
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -462,193 +462,38 @@ def load_train_config(
     path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
 ) -> TrainConfig:
     """Defaults, then ``base`` (a dict), then the YAML file at ``path``, then ``key=value`` overrides."""
-    merged: dict[str, Any] = _nest(dict(base or {}))
+    merged: dict[str, Any] = nest(dict(base or {}))
     if path is not None:
-        import yaml
-
-        p = Path(path)
-        if p.is_dir():
-            raise TrainConfigError(f"config file {str(p)!r} is a directory; allowed: a YAML file")
-        if not p.is_file():
-            raise TrainConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise TrainConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        except UnicodeDecodeError:
-            raise TrainConfigError(
-                f"config file {str(p)!r} is not a text file; allowed: a YAML file"
-            ) from None
-        except OSError as e:
-            raise TrainConfigError(f"config file {str(p)!r} cannot be read: {e.strerror}") from None
-        if not isinstance(loaded, dict):
-            raise TrainConfigError(f"config file {str(p)!r} must hold a mapping of key: value")
-        _deep_update(merged, _nest(loaded))
+        deep_update(merged, nest(read_yaml_mapping(path)))
     for item in overrides or []:
         if "=" not in item:
             raise TrainConfigError(
                 f"override {item!r} is invalid; allowed: key=value (e.g. grass.active_layers=4)"
             )
         key, value = item.split("=", 1)
-        _deep_update(merged, _nest({key.strip(): _parse_scalar(value)}))
+        deep_update(merged, nest({key.strip(): parse_scalar(value)}))
     return TrainConfig.from_dict(merged)
 
 
-def _parse_scalar(text: str) -> Any:
-    """A command-line value: YAML scalars/lists (``4``, ``true``, ``null``, ``[a, b]``), else the text."""
+def _unknown_key(full: str) -> str:
+    close = difflib.get_close_matches(full, TrainConfig.keys(), n=3, cutoff=0.6)
+    if full.startswith("lisa."):  # the section of earlier versions
+        close = [f"grass.{full[5:]}"]
+    if full == "gradient_checkpointing":  # the key of earlier versions
+        close = ["activation_checkpointing=full"]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key {full!r}{hint} (run `grass-llm train -h` for the list)"
+
+
+def config_yaml(cfg: TrainConfig, history: list[dict[str, Any]] | None = None) -> str:
+    """The resolved settings as YAML (what ``--print-config`` prints and checkpoints record), with a
+    comment per resume that changed settings."""
     import yaml
 
-    try:
-        return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return text
-
-
-def _nest(data: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if not isinstance(key, str):
-            raise TrainConfigError(f"config key {key!r} is invalid; allowed: a string")
-        if isinstance(value, dict):
-            value = _nest(value)
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise TrainConfigError(f"config key {key!r}: {part!r} is not a section")
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            _deep_update(node[parts[-1]], value)
-        else:
-            node[parts[-1]] = value
-    return out
-
-
-def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_update(dst[k], v)
-        else:
-            dst[k] = v
-
-
-def _section_class(tp: Any) -> type | None:
-    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str, construct: bool = True) -> Any:
-    """``cls(**data)`` with every value coerced to its field's type (``construct=False``: the dict)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in fields:
-            full = prefix + key
-            known = TrainConfig.keys()
-            close = difflib.get_close_matches(full, known, n=3, cutoff=0.6)
-            if full.startswith("lisa."):  # the section of earlier versions
-                close = [f"grass.{full[5:]}"]
-            if full == "gradient_checkpointing":  # the key of earlier versions
-                close = ["activation_checkpointing=full"]
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise TrainConfigError(
-                f"unknown config key {full!r}{hint} (run `grass-llm train -h` for the list)"
-            )
-        sub = _section_class(hints[key])
-        if sub is not None:
-            if not isinstance(value, dict):
-                raise TrainConfigError(
-                    f"{prefix}{key} is a section; set its keys, e.g. {prefix}{key}.<name>=..."
-                )
-            kwargs[key] = _build(sub, value, prefix=f"{prefix}{key}.", construct=sub is not GrassConfig)
-        else:
-            kwargs[key] = _coerce(prefix + key, value, hints[key])
-    return cls(**kwargs) if construct else kwargs
-
-
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Convert a YAML / command-line value to the field's type, or raise naming the key."""
-    args = typing.get_args(tp)
-    optional = type(None) in args
-    base = [a for a in args if a is not type(None)] if args and typing.get_origin(tp) is not list else [tp]
-    target = base[0] if len(base) == 1 else tp
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and optional):
-        if optional or tp is Any:
-            return None
-        raise TrainConfigError(f"{name}=null is invalid; allowed: a value of type {_type_name(target)}")
-    if target is Any:
-        return value
-    if target is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise TrainConfigError(f"{name}={value!r} is invalid; allowed: true or false")
-    if target is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise TrainConfigError(f"{name}={value!r} is invalid; allowed: an integer")
-    if target is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads 1e-5 as a string
-            except ValueError:
-                pass
-        raise TrainConfigError(f"{name}={value!r} is invalid; allowed: a number")
-    if typing.get_origin(target) is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise TrainConfigError(f"{name}={value!r} is invalid; allowed: a list of strings (or a,b,c)")
-    if target is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise TrainConfigError(f"{name}={value!r} is invalid; allowed: a string")
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise TrainConfigError(f"{name}={value!r} is unknown{hint}; allowed: {', '.join(allowed)}")
-
-
-def _int(name: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise TrainConfigError(f"{name}={value!r} is invalid; allowed: an integer >= {low}")
-
-
-def _real(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise TrainConfigError(f"{name}={value!r} is invalid; allowed: a finite number")
-    return float(value)
-
-
-def _positive(name: str, value: Any) -> None:
-    if _real(name, value) <= 0:
-        raise TrainConfigError(f"{name}={value!r} is invalid; allowed: a number > 0")
-
-
-def _non_negative(name: str, value: Any) -> None:
-    if _real(name, value) < 0:
-        raise TrainConfigError(f"{name}={value!r} is invalid; allowed: a number >= 0")
-
-
-def _bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TrainConfigError(f"{name}={value!r} is invalid; allowed: true or false")
+    head = "".join(
+        f"# resumed at step {h['step']} with changes: "
+        + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in h["changes"].items())
+        + "\n"
+        for h in history or []
+    )
+    return head + yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -132,3 +132,134 @@ def test_doc_commands_are_valid(doc: Path) -> None:
             for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
                 assert f'"{flag}"' in script, f"{cmd}: {argv[1]} has no {flag}"
     assert len(eval_outs) == len(set(eval_outs)), "two eval commands write the same directory"
+
+
+# ------------------------------------------------------------------------------------------------
+# memory_diagnose.py / gpu_diagnose.sh: the GPU diagnosis of the estimate (issue 17.2)
+def _diagnose():
+    import importlib
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("memory_diagnose")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_gpu_diagnose_dry_run(tmp_path: Path) -> None:
+    """The driver's dry run: each stage runs memory_diagnose.py --dry-run in its own process and writes its JSON
+    (a Llama and a Gemma-family row here: tied embeddings, one KV head)."""
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "STAGES": "small-fft gemma-lisa",
+        "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), str(BENCH)]),
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_diagnose.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnose.log", "gemma-lisa.json", "small-fft.json"]
+    log = (tmp_path / "diagnose.log").read_text()
+    assert "== small-fft rc=0" in log and "== gemma-lisa rc=0" in log and "status 0" in log
+    for name, method in (("small-fft", "fft"), ("gemma-lisa", "lisa")):
+        res = json.loads((tmp_path / f"{name}.json").read_text())
+        assert res["setting"]["method"] == method and res["setting"]["dry_run"]
+        run, est = res["device_run"], res["estimate"]
+        assert run["measured"] > 0 and est["peak"] > 0
+        # the real CPU step and the fake estimate count the same storages (within 2%)
+        assert abs(est["peak"] - run["measured"]) <= 0.02 * run["measured"], res["summary"]
+        assert sum(i["bytes"] for i in est["live_at_peak_top"]) <= est["peak"]
+        assert any(g["group"] == "weights" for g in est["live_at_peak_groups"])
+        assert all(row["group"] for row in res["diff_live_at_peak"])
+        assert res["sdpa_calls"] and res["sdpa_calls"][0]["backend"]
+    gemma = json.loads((tmp_path / "gemma-lisa.json").read_text())
+    assert "tied" in gemma["setting"]["config"] or gemma["sdpa_calls"][0]["enable_gqa"]
+
+
+def test_diagnose_replays_the_allocator_history() -> None:
+    """The peak of the recorded step, the blocks live then, and their labels, from a synthetic allocator trace."""
+    d = _diagnose()
+    snapshot = {
+        "segments": [
+            {
+                "device": 0,
+                "blocks": [
+                    {"address": 1000, "size": 1024, "requested_size": 1000, "state": "active_allocated"},
+                    {"address": 9000, "size": 512, "state": "inactive"},
+                ],
+            },
+            {"device": 1, "blocks": [{"address": 7, "size": 512, "state": "active_allocated"}]},
+        ]
+    }
+    before = d.live_blocks(snapshot, 0)
+    assert before == {1000: {"size": 1024, "block_size": 1024, "frames": []}}
+    py = [
+        {"filename": "/x/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"},
+        {"filename": "/x/transformers/models/llama/modeling_llama.py", "line": 42, "name": "forward"},
+    ]
+    trace = [
+        {"action": "alloc", "addr": 64, "size": 100},  # before the marker: ignored
+        {"action": "free_requested", "addr": 64, "size": 100},
+        {"action": "alloc", "addr": 5000, "size": d.MARKER_BYTES},
+        {"action": "free_requested", "addr": 5000, "size": d.MARKER_BYTES},
+        {"action": "alloc", "addr": 2000, "size": 4096, "frames": py},  # an op output
+        {"action": "alloc", "addr": 3000, "size": 100, "frames": py},  # not an op output (a workspace)
+        {"action": "free_requested", "addr": 2000, "size": 4096},
+        {"action": "alloc", "addr": 4000, "size": 8192},  # an op output: the peak
+        {"action": "free_requested", "addr": 4000, "size": 8192},
+        {"action": "free_requested", "addr": 3000, "size": 100},
+    ]
+    m = d.find_marker(trace, 5000)
+    assert m == 2 and d.find_marker(trace, 6000) == -1
+    initial, peak, live, allocs = d.replay(before, trace, m + 2)
+    assert initial == 1024 and peak == 1024 + 512 + 8192
+    assert sorted(live) == [1000, 3000, 4000]
+    labels = d.label_allocs(
+        allocs,
+        [
+            (2000, 4096, "forward fwd model.layers.3.mlp aten.mm.default"),
+            (4000, 8192, "backward bwd model.layers.0.mlp MmBackward0 aten.mm.default"),
+        ],
+    )
+    assert sorted(labels.values()) == [
+        "backward bwd model.layers.0.mlp MmBackward0 aten.mm.default",
+        "forward fwd model.layers.3.mlp aten.mm.default",
+    ]
+    top, items = d.describe_peak(live, labels, {1000: "weights model.embed_tokens.weight"}, top=2)
+    assert [i["bytes"] for i in top] == [8192, 1024]
+    groups = {i["group"]: i for i in items}
+    assert set(groups) == {
+        "backward bwd model.layers.N.mlp MmBackward0 aten.mm.default",
+        "weights",
+        "[step, not an op output] llama/modeling_llama.py:42 forward",
+    }
+    diff = d.diff_groups(items, [{"group": "weights", "bytes": 1024}], top=5)
+    assert {r["group"] for r in diff} == set(groups) - {"weights"}
+
+
+def test_diagnose_small_model_is_the_cuda_tests_model() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_tm", BENCH.parent / "tests" / "test_memory.py")
+    tm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tm)
+    assert _diagnose().SMALL == tm.SMALL
+
+
+def test_diagnose_without_cuda_exits_2(capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-CUDA error")
+    d = _diagnose()
+    assert d.main(["--model", "tiny"]) == 2
+    assert "--dry-run" in capsys.readouterr().err
+    assert d.main(["--dry-run", "--method", "qlora"]) == 2
+    assert "qlora" in capsys.readouterr().err

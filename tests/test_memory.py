@@ -30,6 +30,10 @@ TINY = dict(
 )
 
 
+#: the 512-wide model of the CUDA comparison (benchmarks/memory_diagnose.py --model small is the same)
+SMALL = {**TINY, "hidden_size": 512, "intermediate_size": 1024, "vocab_size": 4096}
+
+
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():
@@ -349,7 +353,7 @@ def test_measure_without_cuda_errors(tiny):
 @pytest.mark.parametrize("method", ["fft", "grass", "lisa", "lora"])
 @pytest.mark.parametrize("checkpointing", ["none", "frozen"])
 def test_estimate_matches_cuda_max_memory_allocated(method, checkpointing):
-    cfg = LlamaConfig(**{**TINY, "hidden_size": 512, "intermediate_size": 1024, "vocab_size": 4096})
+    cfg = LlamaConfig(**SMALL)
     kw = dict(rank=8, seq_len=256, activation_checkpointing=checkpointing)
     est = M.estimate_memory(cfg, method, **kw)
     measured = M.measure_cuda_step(cfg, method, **kw)
@@ -407,3 +411,44 @@ def test_probing_estimate(tiny):
     assert probe.gradients <= 2 * largest + 1024
     with pytest.raises(M.MemoryEstimateError, match="method=lisa does not probe"):
         M.estimate_memory(tiny, "lisa", phase="probe")
+
+
+def test_cli_phase_probe_computes_only_the_probing_rows(tiny_json, tmp_path, monkeypatch, capsys):
+    """--phase probe estimates (and with --measure, measures) the probing step only: no training-step
+    estimate or CUDA run is made and thrown away, and the measurement is the probing step's."""
+    estimated, measured = [], []
+    real_estimate = M.estimate_memory
+
+    def estimate(*a, **k):
+        estimated.append(k.get("phase", "train"))
+        return real_estimate(*a, **k)
+
+    def measure(*a, **k):
+        measured.append(k.get("phase", "train"))
+        return 12345
+
+    monkeypatch.setattr(M, "estimate_memory", estimate)
+    monkeypatch.setattr(M, "measure_cuda_step", measure)
+    monkeypatch.setattr(M.torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "mem.json"
+    argv = ["--model", str(tiny_json), "--method", "grass,fft", "--seq-len", "32", "--json", str(out)]
+    assert _memory_cli([*argv, "--phase", "probe", "--measure"]) == 0
+    assert estimated == ["probe"] and measured == ["probe"]
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["phase"], r["measured_peak"]) for r in rows] == [("grass", "probe", 12345)]
+    estimated.clear(), measured.clear()
+    assert _memory_cli([*argv, "--phase", "both", "--measure"]) == 0
+    assert estimated == measured == ["train", "probe", "train"]
+    capsys.readouterr()
+    assert _memory_cli(["--model", str(tiny_json), "--method", "fft", "--phase", "probe"]) == 2
+    assert "probes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_training_step_probe_phase_needs_a_probing_method(tiny):
+    with pytest.raises(M.MemoryEstimateError, match="does not probe"):
+        M.training_step(tiny, "lisa", device="cpu", phase="probe")
+    step = M.training_step(tiny, "grass", device="cpu", seq_len=16, phase="probe")
+    step.run(1, 16)
+    step.run(1, 16)
+    assert step.opt.probing

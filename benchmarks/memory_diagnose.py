@@ -650,26 +650,34 @@ def cublas_probe(args) -> dict[str, Any]:
     th.start()
     th.join()
     mark("a @ b on a new Python thread", n * n * 2)
-    cleared = None
+    res: dict[str, Any] = {"steps": steps}
+    if args.stacks:  # every block live now, the tensors named: the others are workspaces
+        tensors = [(a, "a"), (b, "b"), (a.grad, "a.grad"), (b.grad, "b.grad"), (c, "c"), (lin, "linear out")]
+        tensors += [(d, "d"), (results[0], "thread out")]
+        known = {t.data_ptr(): name for t, name in tensors}
+        live = live_blocks(torch.cuda.memory._snapshot())
+        res["live_blocks"] = sorted(
+            (
+                {
+                    "bytes": v["block_size"],
+                    "mib": mib(v["block_size"]),
+                    "tensor": known.get(addr),
+                    "frames": trim_frames(v["frames"], 12),
+                }
+                for addr, v in live.items()
+            ),
+            key=lambda d_: -d_["bytes"],
+        )[:20]
+        for blk in res["live_blocks"]:
+            if blk["tensor"] is None:
+                log(f"not a tensor: {blk['mib']} MiB allocated by {blk['frames'][:6]}")
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    res["cleared_workspaces"] = callable(clear)
     if callable(clear):
         clear()
-        cleared = True
         mark("torch._C._cuda_clearCublasWorkspaces()", 0)
-    del lin, d
-    results.clear()
-    res: dict[str, Any] = {"steps": steps, "cleared_workspaces": cleared}
     if args.stacks:
-        snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
-        live = live_blocks(snap)
-        res["live_blocks_at_end"] = sorted(
-            (
-                {"bytes": v["size"], "mib": mib(v["size"]), "frames": trim_frames(v["frames"], 10)}
-                for v in live.values()
-            ),
-            key=lambda d: -d["bytes"],
-        )[:20]
     return res
 
 

@@ -263,3 +263,64 @@ def test_diagnose_without_cuda_exits_2(capsys) -> None:
     assert "--dry-run" in capsys.readouterr().err
     assert d.main(["--dry-run", "--method", "qlora"]) == 2
     assert "qlora" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# provenance: the commit is the project's own
+def _load_common(path: Path):
+    import importlib.util
+
+    name = f"_common_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # (its dataclasses look their module up)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[name]
+    return mod
+
+
+def _git(cwd: Path, *args: str) -> str:
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_hardware_names_the_projects_own_commit_or_unknown(tmp_path: Path) -> None:
+    """hardware()'s git commit is this project's: a copy exported without .git into another checkout reports
+    "unknown" (not the enclosing checkout's commit), as does a copy inside a repository of another project."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    _git(outer, "init", "-q")
+    (outer / "other.txt").write_text("another project\n")
+    _git(outer, "add", "other.txt")
+    _git(outer, "commit", "-q", "-m", "other")
+    export = outer / "export"
+    (export / "benchmarks").mkdir(parents=True)
+    shutil.copy(BENCH / "common.py", export / "benchmarks" / "common.py")
+    (export / "src" / "grass_llm").mkdir(parents=True)
+    (export / "src" / "grass_llm" / "__init__.py").write_text("")
+    exported = _load_common(export / "benchmarks" / "common.py")
+    assert exported.git_commit() == "unknown" and exported.git_uncommitted() == []
+    # a repository of its own that is not this project (it tracks neither file) is not either
+    _git(export, "init", "-q")
+    (export / "x.txt").write_text("x\n")
+    _git(export, "add", "x.txt")
+    _git(export, "commit", "-q", "-m", "x")
+    assert _load_common(export / "benchmarks" / "common.py").git_commit() == "unknown"
+    # once it tracks the project's files it is the project's checkout
+    _git(export, "add", "benchmarks/common.py", "src/grass_llm/__init__.py")
+    _git(export, "commit", "-q", "-m", "project")
+    assert _load_common(export / "benchmarks" / "common.py").git_commit() == _git(
+        export, "rev-parse", "--short", "HEAD"
+    )
+    # this checkout: its own commit
+    here = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH.parent, capture_output=True, text=True
+    )
+    if here.returncode == 0:
+        assert _load_common(BENCH / "common.py").git_commit() == here.stdout.strip()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -789,7 +790,9 @@ def measure_cuda_step(
 
     The model is randomly initialised from its config (no weights are downloaded) and the method built
     with the same ``TrainConfig`` as :func:`estimate_memory`; ``phase="probe"`` measures probing steps.
-    Raises :class:`MemoryEstimateError` without CUDA.
+    Garbage is collected before and after, so measurements in one process do not count each other's
+    memory (the first one in a process also allocates the cuBLAS workspaces, which stay). Raises
+    :class:`MemoryEstimateError` without CUDA.
     """
     if not torch.cuda.is_available():
         raise MemoryEstimateError("measure_cuda_step needs a CUDA device; torch.cuda.is_available() is False")
@@ -797,6 +800,9 @@ def measure_cuda_step(
     _check_choice("dtype", dtype, tuple(_DTYPES))
     _check_choice("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
     dev = torch.device(device)
+    # what earlier work left to the garbage collector (reference cycles: a model with frozen-block checkpointing,
+    # the chunked loss's hook on the head) is freed first, or it would count in this measurement
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     step = training_step(
@@ -822,6 +828,7 @@ def measure_cuda_step(
     torch.cuda.synchronize(dev)
     peak = int(torch.cuda.max_memory_allocated(dev))
     del step
+    gc.collect()  # (the cycles above: freed now, not at the garbage collector's next pass)
     torch.cuda.empty_cache()
     return peak
 

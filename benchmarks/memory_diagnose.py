@@ -267,9 +267,14 @@ def label_allocs(allocs: list[dict[str, Any]], tracked: list[tuple[int, int, str
 
 
 def describe_peak(
-    live: dict[int, dict[str, Any]], labels: dict[int, str], names: dict[int, str], top: int
+    live: dict[int, dict[str, Any]],
+    labels: dict[int, str],
+    names: dict[int, str],
+    top: int,
+    labelled: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The blocks live at the peak (largest first, ``top`` of them) and all of them grouped."""
+    """The blocks live at the peak (largest first, ``top`` of them) and all of them, with a group each.
+    ``labelled``: the step ran under the labelling tracker (an unlabelled block is then no op's output)."""
     items = []
     for addr, b in live.items():
         if b["seq"] is None:  # allocated before the recorded step
@@ -277,7 +282,9 @@ def describe_peak(
             where = "before step" if label is None else "tracked before step"
         else:
             label = labels.get(b["seq"])
-            where = "step, op output" if label is not None else "step, not an op output"
+            where = (
+                "step, op output" if label is not None else "step, not an op output" if labelled else "step"
+            )
         frames = trim_frames(b["frames"])
         group = group_key(label) if label else f"[{where}] " + (frames[0] if frames else "(no Python frames)")
         items.append(
@@ -469,8 +476,17 @@ def run_device(cfg, method: str, kw: dict[str, Any], args, res: dict[str, Any], 
         log(f"SDPA call: {c}")
     write(res, args)
 
-    # the recorded step: allocator history + tracker labels
-    names: dict[int, str] = {}
+    # the recorded steps: allocator history, first without and then with the labelling tracker (a Python
+    # dispatch mode, which can change what autograd does in place: compare the two peaks)
+    names = param_names(step)
+    index = dev.index or 0
+    if cuda:
+        rec = record_step(step, args, dev, index, None, names)
+        out["plain_step"] = {k: v for k, v in rec.items() if k != "_items"}
+        log(
+            f"plain recorded step: max_memory_allocated {mib(rec['recorded_step_peak'])} MiB, replayed peak "
+            f"{mib(rec.get('replay_peak'))} MiB"
+        )
     tracker = LiveBytesTracker(device=dev, origins=True)
     model = step.model
     named = [*model.named_parameters(), *model.named_buffers()]
@@ -479,82 +495,106 @@ def run_device(cfg, method: str, kw: dict[str, Any], args, res: dict[str, Any], 
     tracker.track([g for _, g in grads], "gradients", names=[n for n, _ in grads])
     states = step.state_tensors()
     tracker.track(states, "optimizer_states", names=[f"state {i}" for i in range(len(states))])
-    for ptr, _, label in tracked_storages(tracker):
-        if ptr:
-            names.setdefault(ptr, label)
     hooks = tag_gradients(model, tracker)
-    before = None
-    marker_addr = 0
-    index = dev.index or 0
     if cuda:
-        torch.cuda.synchronize(dev)
-        # a fresh trace for the recorded step (the live blocks keep their stacks)
-        torch.cuda.memory._record_memory_history(
-            **history_kwargs(
-                enabled="all",
-                context="alloc",
-                stacks=args.stacks,
-                max_entries=args.max_entries,
-                clear_history=True,
-            )
-        )
-        before = live_blocks(torch.cuda.memory._snapshot(), index)
-        out["allocated_before_recorded_step"] = torch.cuda.memory_allocated(dev)
-        marker = torch.empty(MARKER_BYTES, dtype=torch.uint8, device=dev)
-        marker_addr = marker.data_ptr()
-        del marker
-        torch.cuda.reset_peak_memory_stats(dev)
-    with tracker.label_modules(model), tracker:
-        step.run(args.batch_size, args.seq_len, tracker)
-    out["tracker_peak"] = tracker.peak  # op outputs only, as the estimator counts them, on the real step
-    tracked_peak = tracker.peak_storages()
-    if cuda:
-        torch.cuda.synchronize(dev)
-        out["recorded_step_peak"] = int(torch.cuda.max_memory_allocated(dev))
-        snap = torch.cuda.memory._snapshot()
-        torch.cuda.memory._record_memory_history(enabled=None)
-        traces = snap.get("device_traces") or [[]]
-        trace = traces[index] if len(traces) > index else []
-        m = find_marker(trace, marker_addr)
-        out["trace_events"] = len(trace)
-        if m < 0:
-            out["error"] = "the marker of the recorded step is not in the trace: raise --max-entries"
-            log(out["error"])
-        else:
-            initial, peak, live, allocs = replay(before, trace, m + 2)
-            labels = label_allocs(allocs, tracked_storages(tracker))
-            top, items = describe_peak(live, labels, names, args.top)
-            out.update(
-                replay_initial=initial,
-                replay_peak=peak,
-                # (requests rounded to 512 B; the allocator counts whole blocks: the difference is its slack)
-                allocator_minus_replay_peak=out["recorded_step_peak"] - peak,
-                allocator_minus_replay_initial=out["allocated_before_recorded_step"] - initial,
-                allocs_in_step=len(allocs),
-                allocs_labelled=len(labels),
-                live_at_peak_top=top,
-                live_at_peak_groups=grouped(items, 3 * args.top),
-            )
-            out["_items"] = items
+        rec = record_step(step, args, dev, index, tracker, names)
+        out.update(rec)
         log(
-            f"recorded step: max_memory_allocated {mib(out['recorded_step_peak'])} MiB, replayed peak "
-            f"{mib(out.get('replay_peak'))} MiB, op outputs (tracker) {mib(out['tracker_peak'])} MiB"
+            f"labelled recorded step: max_memory_allocated {mib(rec['recorded_step_peak'])} MiB, replayed peak "
+            f"{mib(rec.get('replay_peak'))} MiB, op outputs (tracker) {mib(rec['tracker_peak'])} MiB"
         )
     else:  # dry run: the tracker's own view of the real CPU step stands for the allocator's
-        out["measured"] = tracker.peak
+        with tracker.label_modules(model), tracker:
+            step.run(args.batch_size, args.seq_len, tracker)
+        out["tracker_peak"] = out["measured"] = tracker.peak
         items = [
-            dict(d, mib=mib(d["bytes"]), group=group_key(d["origin"], d["category"])) for d in tracked_peak
+            dict(d, mib=mib(d["bytes"]), group=group_key(d["origin"], d["category"]))
+            for d in tracker.peak_storages()
         ]
         out["live_at_peak_top"] = items[: args.top]
         out["live_at_peak_groups"] = grouped(items, 3 * args.top)
         out["_items"] = items
     out["tracker_live_at_peak_groups"] = grouped(
-        [dict(d, group=group_key(d["origin"], d["category"])) for d in tracked_peak], 3 * args.top
+        [dict(d, group=group_key(d["origin"], d["category"])) for d in tracker.peak_storages()], 3 * args.top
     )
+    if cuda:
+        torch.cuda.memory._record_memory_history(enabled=None)
     for h in hooks:
         h.remove()
     del step, model, tracker
     write(res, args)
+
+
+def param_names(step) -> dict[int, str]:
+    """address -> "weights NAME" / "gradients NAME" / "optimizer_states N" of what lives across steps."""
+    names: dict[int, str] = {}
+    for n, t in [*step.model.named_parameters(), *step.model.named_buffers()]:
+        names.setdefault(t.untyped_storage().data_ptr(), f"weights {n}")
+    for n, p in step.model.named_parameters():
+        if p.grad is not None:
+            names.setdefault(p.grad.untyped_storage().data_ptr(), f"gradients {n}")
+    for i, t in enumerate(step.state_tensors()):
+        names.setdefault(t.untyped_storage().data_ptr(), f"optimizer_states {i}")
+    return names
+
+
+def allocate_marker(dev: torch.device) -> int:
+    """Allocate and free MARKER_BYTES: the first event of the recorded step in the trace; returns its address."""
+    marker = torch.empty(MARKER_BYTES, dtype=torch.uint8, device=dev)
+    return marker.data_ptr()
+
+
+def record_step(step, args, dev: torch.device, index: int, tracker, names: dict[int, str]) -> dict[str, Any]:
+    """One more step with a fresh allocator trace (under ``tracker`` and its module labels when given): its
+    peak, the blocks live then (labelled), grouped."""
+    out: dict[str, Any] = {}
+    torch.cuda.synchronize(dev)
+    torch.cuda.memory._record_memory_history(  # a fresh trace (the live blocks keep their stacks)
+        **history_kwargs(
+            enabled="all",
+            context="alloc",
+            stacks=args.stacks,
+            max_entries=args.max_entries,
+            clear_history=True,
+        )
+    )
+    before = live_blocks(torch.cuda.memory._snapshot(), index)
+    out["allocated_before_recorded_step"] = torch.cuda.memory_allocated(dev)
+    marker_addr = allocate_marker(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    if tracker is None:
+        step.run(args.batch_size, args.seq_len)
+    else:
+        with tracker.label_modules(step.model), tracker:
+            step.run(args.batch_size, args.seq_len, tracker)
+        out["tracker_peak"] = tracker.peak  # op outputs only, as the estimator counts them, on the real step
+    torch.cuda.synchronize(dev)
+    out["recorded_step_peak"] = int(torch.cuda.max_memory_allocated(dev))
+    snap = torch.cuda.memory._snapshot()
+    traces = snap.get("device_traces") or [[]]
+    trace = traces[index] if len(traces) > index else []
+    m = find_marker(trace, marker_addr)
+    out["trace_events"] = len(trace)
+    if m < 0:
+        out["error"] = "the marker of the recorded step is not in the trace: raise --max-entries"
+        log(out["error"])
+        return out
+    initial, peak, live, allocs = replay(before, trace, m + 2)
+    labels = label_allocs(allocs, tracked_storages(tracker)) if tracker is not None else {}
+    top, items = describe_peak(live, labels, names, args.top, labelled=tracker is not None)
+    out.update(
+        replay_initial=initial,
+        replay_peak=peak,
+        # (requests rounded to 512 B; the allocator counts whole blocks: the difference is its slack)
+        allocator_minus_replay_peak=out["recorded_step_peak"] - peak,
+        allocator_minus_replay_initial=out["allocated_before_recorded_step"] - initial,
+        allocs_in_step=len(allocs),
+        allocs_labelled=len(labels),
+        live_at_peak_top=top,
+        live_at_peak_groups=grouped(items, 3 * args.top),
+        _items=items,
+    )
+    return out
 
 
 def run_estimate(cfg, method: str, kw: dict[str, Any], args, res: dict[str, Any]) -> None:
@@ -782,6 +822,9 @@ def main(argv: list[str] | None = None) -> int:
             "measured_minus_estimate_mib": mib(measured - peak) if measured is not None else None,
             "relative_error": None if not measured else round((peak - measured) / measured, 4),
             "tracker_on_device_step_mib": mib(res["device_run"].get("tracker_peak")),
+            # the same step recorded without and with the labelling dispatch mode (max_memory_allocated)
+            "plain_recorded_step_mib": mib(res["device_run"].get("plain_step", {}).get("recorded_step_peak")),
+            "labelled_recorded_step_mib": mib(res["device_run"].get("recorded_step_peak")),
         }
         items = res["device_run"].pop("_items", None)
         if items is not None:

@@ -324,3 +324,58 @@ def test_hardware_names_the_projects_own_commit_or_unknown(tmp_path: Path) -> No
     )
     if here.returncode == 0:
         assert _load_common(BENCH / "common.py").git_commit() == here.stdout.strip()
+
+
+def test_diagnose_record_step_with_a_stand_in_allocator(monkeypatch) -> None:
+    """record_step's plumbing (history calls, snapshot, replay, labels) on the CPU, with torch.cuda's memory
+    functions standing in for a GPU's: a trace in which the step's one large block is an op output."""
+    import torch
+
+    from grass_llm.memory import LiveBytesTracker, training_step
+
+    d = _diagnose()
+    cfg = d.config_for("tiny", dry_run=True)
+    step = training_step(cfg, "fft", device="cpu", seq_len=16)
+    step.run(1, 16)
+    calls = []
+    tracker = LiveBytesTracker(device="cpu", origins=True)
+    tracker.track(list(step.model.parameters()), "weights")
+
+    def trace():  # the marker, then one allocation per storage the tracker saw in the step (addresses, sizes)
+        events = [
+            {"action": "alloc", "addr": 5000, "size": d.MARKER_BYTES},
+            {"action": "free_requested", "addr": 5000, "size": d.MARKER_BYTES},
+        ]
+        for e in tracker.allocations[len(params) :]:
+            if e.ptr:  # (an empty tensor allocates nothing)
+                events.append({"action": "alloc", "addr": e.ptr, "size": e.nbytes, "frames": []})
+        events.append({"action": "alloc", "addr": 1, "size": 32 * 2**20, "frames": []})  # a workspace
+        return events
+
+    params = list(step.model.parameters())
+
+    def history(enabled="all", context="all", stacks="all", max_entries=1, device=None, clear_history=False):
+        calls.append({"enabled": enabled, "stacks": stacks, "clear_history": clear_history})
+
+    fake = {
+        "_record_memory_history": history,
+        "_snapshot": lambda *a, **k: {"segments": [], "device_traces": [trace()]},
+    }
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda.memory, name, fn)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 123)
+    monkeypatch.setattr(d, "allocate_marker", lambda dev: 5000)
+    args = d.parse(["--dry-run", "--top", "5"])
+    args.seq_len = 16
+    out = d.record_step(step, args, torch.device("cpu"), 0, tracker, {})
+    assert calls and calls[0].get("clear_history") is True
+    assert out["recorded_step_peak"] == 123 and out["tracker_peak"] > 0 and "error" not in out
+    assert out["allocs_labelled"] == out["allocs_in_step"] - 1  # every op output labelled, not the workspace
+    groups = {g["group"] for g in out["live_at_peak_groups"]}
+    assert "[step, not an op output] (no Python frames)" in groups
+    assert any(g.startswith("forward ") or g.startswith("backward ") for g in groups)
+    plain = d.record_step(step, args, torch.device("cpu"), 0, None, {})
+    assert plain["allocs_labelled"] == 0 and "tracker_peak" not in plain

@@ -73,5 +73,5 @@ for name in "${NAMES[@]}"; do
   [ "$rc" -eq 0 ] && [ -s "$OUT/$name.json" ] || STATUS=1
 done
 echo "== done in $(( $(date +%s) - T0 )) s, status $STATUS" >> "$LOG"
-grep -E "^== |summary:|measured max_memory|recorded step:|SDPA call|not tensors|Error|error" "$LOG" | cut -c1-300
+grep -E "^== |summary:|measured max_memory|recorded step:|SDPA call|not tensors|not a tensor|^ +[-+][0-9.]+ MiB|Error|error" "$LOG" | cut -c1-300
 exit $STATUS

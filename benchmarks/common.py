@@ -59,27 +59,41 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def git_commit() -> str:
+def _git(*args: str) -> subprocess.CompletedProcess | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _own_repository() -> bool:
+    """Whether REPO_ROOT is the top of a git repository that tracks this project (this file and the package).
+    A copy exported without ``.git`` into another checkout is not: git would answer for the enclosing one."""
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None or top.returncode != 0 or not top.stdout.strip():
+        return False
+    if Path(top.stdout.strip()).resolve() != REPO_ROOT.resolve():
+        return False
+    here = Path(__file__).resolve().relative_to(REPO_ROOT.resolve()).as_posix()
+    tracked = _git("ls-files", "--error-unmatch", "--", here, "src/grass_llm/__init__.py")
+    return tracked is not None and tracked.returncode == 0
+
+
+def git_commit() -> str:
+    """The commit of this project's checkout, or "unknown" (no git, or not a checkout of its own)."""
+    if not _own_repository():
         return "unknown"
+    out = _git("rev-parse", "--short", "HEAD")
+    return (out.stdout.strip() if out is not None and out.returncode == 0 else "") or "unknown"
 
 
 def git_uncommitted() -> list[str]:
-    """Tracked files under src/ and benchmarks/ (results excluded) that differ from HEAD during the run."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
+    """Tracked files under src/ and benchmarks/ (results excluded) that differ from HEAD during the run
+    (none known outside a checkout of this project)."""
+    if not _own_repository():
+        return []
+    out = _git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks")
+    if out is None:
         return []
     paths = [ln[3:] for ln in out.stdout.splitlines() if len(ln) > 3]
     return [p for p in paths if not p.startswith("benchmarks/results/")]

@@ -13,8 +13,10 @@
     python benchmarks/gpu_check.py --skip-tests --models tinyllama
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu-check   # no GPU: the same code on CPU, tiny shapes
 
-Writes ``gpu_check.md`` and ``gpu_check.json`` to ``--out`` (default ``benchmarks/results``; a dry run
-must name another directory). Exit status 0 when every check passed, 1 when one failed, 2 for bad
+Each memory and throughput row runs in a fresh Python process (``--row``, one JSON line back), so a row
+neither counts nor inherits what an earlier one left allocated (cuBLAS workspaces, the caching allocator's
+state, objects awaiting the garbage collector). Writes ``gpu_check.md`` and ``gpu_check.json`` to ``--out``
+(default ``benchmarks/results``; a dry run must name another directory). Exit status 0 when every check passed, 1 when one failed, 2 for bad
 input or no GPU. ``--dry-run`` runs every step on the CPU with a tiny Llama (the "measurement" is then
 a real CPU run of the estimator, offload off, and the tests are only collected): it checks the script,
 not the GPU.
@@ -23,6 +25,8 @@ not the GPU.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import time
@@ -101,88 +105,154 @@ def run_tests(dry_run: bool, log=print) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------
 # 2. estimate vs max_memory_allocated
-def check_memory(models: dict[str, Any], dry_run: bool, seq_len: int, log=print) -> list[dict[str, Any]]:
-    from grass_llm.memory import estimate_memory, measure_cuda_step
-
+def check_memory(models: list[str], dry_run: bool, seq_len: int, log=print) -> list[dict[str, Any]]:
+    """Every (model, MEMORY_CHECKS row), each in a fresh process (:func:`memory_row`)."""
     rows = []
-    for name, cfg in models.items():
+    for name in models:
         for label, method, kw in MEMORY_CHECKS:
-            kw = dict(kw, batch_size=1, seq_len=seq_len)
-            row: dict[str, Any] = {"model": name, "label": label, "method": method}
-            try:
-                if dry_run:  # the "measurement" is a real CPU run: no separate host memory, no foreach
-                    kw.update(overrides={"grass.offload": False}, optimizer_impl="for-loop")
-                    est = estimate_memory(cfg, method, **kw)
-                    measured = estimate_memory(cfg, method, fake=False, **kw).peak
-                else:
-                    est = estimate_memory(cfg, method, **kw)
-                    measured = measure_cuda_step(cfg, method, **kw)
-            except torch.cuda.OutOfMemoryError as e:
-                row.update(error=f"out of memory: {str(e).splitlines()[0]}", passed=False)
-                torch.cuda.empty_cache()
-                log(f"{name:15s} {label:22s} OOM")
-                rows.append(row)
-                continue
-            rel = (est.peak - measured) / measured
-            row.update(
-                estimate=est.peak,
-                measured=measured,
-                relative_error=rel,
-                passed=abs(rel) <= TOLERANCE,
-                breakdown=est.breakdown(),
-            )
-            log(
-                f"{name:15s} {label:22s} estimate {est.peak / 2**30:7.3f} GiB  measured {measured / 2**30:7.3f} GiB "
-                f"({100 * rel:+.1f}%)"
-            )
+            spec = {"kind": "memory", "model": name, "label": label, "method": method, "kw": kw}
+            row = in_fresh_process(dict(spec, dry_run=dry_run, seq_len=seq_len))
+            if "error" in row:
+                log(f"{row['model']:15s} {label:22s} {row['error']}")
+            else:
+                log(
+                    f"{row['model']:15s} {label:22s} estimate {row['estimate'] / 2**30:7.3f} GiB  measured "
+                    f"{row['measured'] / 2**30:7.3f} GiB ({100 * row['relative_error']:+.1f}%)"
+                )
             rows.append(row)
     return rows
+
+
+def memory_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """One estimate against its measurement (this process: run by ``--row``)."""
+    from grass_llm.memory import estimate_memory, measure_cuda_step
+
+    name, label, method = spec["model"], spec["label"], spec["method"]
+    cfg = _config(name, spec["dry_run"])
+    kw = dict(spec["kw"], batch_size=1, seq_len=spec["seq_len"])
+    row: dict[str, Any] = {"model": _model_label(name, spec["dry_run"]), "label": label, "method": method}
+    try:
+        if spec["dry_run"]:  # the "measurement" is a real CPU run: no separate host memory, no foreach
+            kw.update(overrides={"grass.offload": False}, optimizer_impl="for-loop")
+            est = estimate_memory(cfg, method, **kw)
+            measured = estimate_memory(cfg, method, fake=False, **kw).peak
+        else:
+            est = estimate_memory(cfg, method, **kw)
+            measured = measure_cuda_step(cfg, method, **kw)
+    except torch.cuda.OutOfMemoryError as e:
+        return dict(row, error=f"out of memory: {str(e).splitlines()[0]}", passed=False)
+    rel = (est.peak - measured) / measured
+    return dict(
+        row,
+        estimate=est.peak,
+        measured=measured,
+        relative_error=rel,
+        passed=abs(rel) <= TOLERANCE,
+        breakdown=est.breakdown(),
+    )
+
+
+def _config(name: str, dry_run: bool):
+    if dry_run:
+        return tiny_config()
+    from memory import configs
+
+    return configs()[MODELS.get(name, name)]
+
+
+def _model_label(name: str, dry_run: bool) -> str:
+    return "tiny" if dry_run else MODELS.get(name, name)
+
+
+ROW_PREFIX = "GPU_CHECK_ROW "
+
+
+def in_fresh_process(spec: dict[str, Any], timeout: int = 900) -> dict[str, Any]:
+    """Run one row (``spec``: memory_row's or throughput_row's) in a new Python process and return its result;
+    a process that fails gives a row with its ``error``."""
+    import grass_llm
+
+    env = dict(os.environ)
+    src = str(Path(grass_llm.__file__).resolve().parents[1])  # the same grass_llm as this process
+    env["PYTHONPATH"] = os.pathsep.join([src, str(HERE), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--row", json.dumps(spec)]
+    base = {
+        "model": _model_label(spec.get("model", ""), spec["dry_run"]),
+        "label": spec["label"],
+        "method": spec["method"],
+        "passed": False,
+    }
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(base, error=f"timed out after {timeout} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(ROW_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(base, error=f"row process failed (exit {proc.returncode}): {tail[-300:]}")
+    return json.loads(lines[-1][len(ROW_PREFIX) :])
+
+
+def _row_main(spec_json: str) -> int:
+    """``--row SPEC``: one row in this (fresh) process; its result on one line of stdout."""
+    warnings.simplefilter("ignore")
+    spec = json.loads(spec_json)
+    row = memory_row(spec) if spec["kind"] == "memory" else throughput_row(spec)
+    row["pid"] = os.getpid()
+    print(ROW_PREFIX + json.dumps(row), flush=True)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
 # 3. throughput
-def check_throughput(cfg, device: torch.device, batch: int, seq_len: int, warmup: int, steps: int, log=print):
-    from grass_llm.memory import training_step
-
+def check_throughput(batch: int, seq_len: int, warmup: int, steps: int, dry_run: bool, log=print):
+    """Every THROUGHPUT row on the TinyLlama shape (tiny in a dry run), each in a fresh process."""
     rows = []
     for label, method, kw in THROUGHPUT:
-        row: dict[str, Any] = {
-            "label": label,
-            "method": method,
-            **{k: v for k, v in kw.items() if k != "overrides"},
-        }
-        row["settings"] = kw.get("overrides", {})
-        try:
-            step = training_step(cfg, method, device=device, batch_size=batch, seq_len=seq_len, **kw)
-            for _ in range(warmup):
-                step.run(batch, seq_len)
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step.run(batch, seq_len)
-            _sync(device)
-            seconds = time.perf_counter() - t0
-        except torch.cuda.OutOfMemoryError as e:
-            row["error"] = f"out of memory: {str(e).splitlines()[0]}"
-            torch.cuda.empty_cache()
-            rows.append(row)
-            log(f"{label:32s} OOM")
-            continue
-        off = getattr(step.opt, "offloader", None)
-        row.update(
-            tokens_per_s=batch * seq_len * steps / seconds,
-            seconds_per_step=seconds / steps,
-            offload=off is not None,
-            overlap=off is not None and off.copy_stream is not None,
-        )
-        log(
-            f"{label:32s} {row['tokens_per_s']:10.0f} tokens/s  ({row['seconds_per_step'] * 1e3:.1f} ms/step)"
-        )
+        spec = {"kind": "throughput", "model": "tinyllama", "label": label, "method": method, "kw": kw}
+        spec.update(batch=batch, seq_len=seq_len, warmup=warmup, steps=steps, dry_run=dry_run)
+        row = in_fresh_process(spec)
+        row.update({k: v for k, v in kw.items() if k != "overrides"}, settings=kw.get("overrides", {}))
+        if "error" in row:
+            log(f"{label:32s} {row['error']}")
+        else:
+            log(
+                f"{label:32s} {row['tokens_per_s']:10.0f} tokens/s  ({row['seconds_per_step'] * 1e3:.1f} ms/step)"
+            )
         rows.append(row)
-        del step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return rows
+
+
+def throughput_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """Tokens/s of one method (this process: run by ``--row``)."""
+    from grass_llm.memory import training_step
+
+    device = torch.device("cpu" if spec["dry_run"] else "cuda")
+    batch, seq_len, steps = spec["batch"], spec["seq_len"], spec["steps"]
+    cfg = _config(spec["model"], spec["dry_run"])
+    row: dict[str, Any] = {"label": spec["label"], "method": spec["method"]}
+    try:
+        step = training_step(
+            cfg, spec["method"], device=device, batch_size=batch, seq_len=seq_len, **spec["kw"]
+        )
+        for _ in range(spec["warmup"]):
+            step.run(batch, seq_len)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step.run(batch, seq_len)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    except torch.cuda.OutOfMemoryError as e:
+        return dict(row, error=f"out of memory: {str(e).splitlines()[0]}")
+    off = getattr(step.opt, "offloader", None)
+    return dict(
+        row,
+        tokens_per_s=batch * seq_len * steps / seconds,
+        seconds_per_step=seconds / steps,
+        offload=off is not None,
+        overlap=off is not None and off.copy_stream is not None,
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -282,7 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dry-run", action="store_true", help="no GPU: run every step on the CPU with tiny shapes"
     )
+    p.add_argument(
+        "--row", metavar="JSON", default=None, help=argparse.SUPPRESS
+    )  # one row, in a fresh process
     args = p.parse_args(argv)
+    if args.row is not None:
+        return _row_main(args.row)
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in MODELS]
     if unknown:
@@ -322,18 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_tests:
         res["tests"] = run_tests(args.dry_run)
         passed &= res["tests"]["passed"]
-    if args.dry_run:
-        models = {"tiny": tiny_config()}
-    else:
-        from memory import configs
-
-        cfgs = configs()
-        models = {MODELS[m]: cfgs[MODELS[m]] for m in chosen}
+    models = ["tiny"] if args.dry_run else chosen
     if not args.skip_memory:
         res["memory"] = check_memory(models, args.dry_run, res["seq_len"])
         passed &= all(r["passed"] for r in res["memory"])
     if not args.skip_throughput:
-        cfg = tiny_config() if args.dry_run else configs()["TinyLlama-1.1B"]
         seq = 64 if args.dry_run else 1024
         steps, warmup = (2, 1) if args.dry_run else (args.steps, args.warmup)
         res["throughput_setup"] = {
@@ -343,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": steps,
             "warmup": warmup,
         }
-        res["throughput"] = check_throughput(cfg, device, args.batch, seq, warmup, steps)
+        res["throughput"] = check_throughput(args.batch, seq, warmup, steps, args.dry_run)
         passed &= all("error" not in r for r in res["throughput"])
     hw["load_avg_end"] = load_average()
     res["passed"] = bool(passed)

@@ -14,9 +14,13 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# the shared data beside the checkout (CI and development); subprocesses inherit the variable
-os.environ.setdefault("GRASS_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))
-SHARED_DATA = Path(os.environ["GRASS_DATA_DIR"])
+# LLM-Adapters' data: $GRASS_DATA_DIR when set, else the shared data beside the checkout when it is there
+# (development); subprocesses inherit the variable. A fresh clone has neither: see ``eval_data``.
+if "GRASS_DATA_DIR" not in os.environ and (REPO_ROOT.parent / "shared" / "data" / "llm-adapters").is_dir():
+    os.environ["GRASS_DATA_DIR"] = str(REPO_ROOT.parent / "shared" / "data")
+SHARED_DATA = Path(os.environ["GRASS_DATA_DIR"]) if os.environ.get("GRASS_DATA_DIR") else None
+#: the first 4 records of each LLM-Adapters evaluation set, shipped with the tests (tests/data/llm-adapters/SOURCE.md)
+BUNDLED_DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +42,20 @@ def one_thread():
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not (SHARED_DATA / "llm-adapters").is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    """The full LLM-Adapters data (``$GRASS_DATA_DIR``); the test skips without it."""
+    if SHARED_DATA is None or not (SHARED_DATA / "llm-adapters").is_dir():
+        where = f"at $GRASS_DATA_DIR={SHARED_DATA}" if SHARED_DATA else "($GRASS_DATA_DIR is not set)"
+        pytest.skip(f"needs LLM-Adapters' full data: no llm-adapters/ {where}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def eval_data() -> Path:
+    """A data root holding LLM-Adapters' evaluation sets: ``$GRASS_DATA_DIR`` when it holds them, else the first
+    4 records of each shipped in ``tests/data`` (enough for ``--limit 4``)."""
+    if SHARED_DATA is not None and (SHARED_DATA / "llm-adapters" / "dataset").is_dir():
+        return SHARED_DATA
+    return BUNDLED_DATA
 
 
 class RandomTokens(torch.utils.data.Dataset):

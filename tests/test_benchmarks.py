@@ -132,3 +132,250 @@ def test_doc_commands_are_valid(doc: Path) -> None:
             for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
                 assert f'"{flag}"' in script, f"{cmd}: {argv[1]} has no {flag}"
     assert len(eval_outs) == len(set(eval_outs)), "two eval commands write the same directory"
+
+
+# ------------------------------------------------------------------------------------------------
+# memory_diagnose.py / gpu_diagnose.sh: the GPU diagnosis of the estimate (issue 17.2)
+def _diagnose():
+    import importlib
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("memory_diagnose")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_gpu_diagnose_dry_run(tmp_path: Path) -> None:
+    """The driver's dry run: a stage runs memory_diagnose.py --dry-run in its own process and writes its JSON
+    (a Gemma-family row here: tied embeddings, one KV head)."""
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "STAGES": "gemma-lisa",
+        "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), str(BENCH)]),
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_diagnose.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnose.log", "gemma-lisa.json"]
+    log = (tmp_path / "diagnose.log").read_text()
+    assert "== gemma-lisa rc=0" in log and "status 0" in log
+    for name, method in (("gemma-lisa", "lisa"),):
+        res = json.loads((tmp_path / f"{name}.json").read_text())
+        assert res["setting"]["method"] == method and res["setting"]["dry_run"]
+        run, est = res["device_run"], res["estimate"]
+        assert run["measured"] > 0 and est["peak"] > 0
+        # the real CPU step and the fake estimate count the same storages (within 2%)
+        assert abs(est["peak"] - run["measured"]) <= 0.02 * run["measured"], res["summary"]
+        assert sum(i["bytes"] for i in est["live_at_peak_top"]) <= est["peak"]
+        assert any(g["group"] == "weights" for g in est["live_at_peak_groups"])
+        assert all(row["group"] for row in res["diff_live_at_peak"])
+        assert res["sdpa_calls"] and res["sdpa_calls"][0]["backend"]
+    gemma = json.loads((tmp_path / "gemma-lisa.json").read_text())
+    assert "tied" in gemma["setting"]["config"] or gemma["sdpa_calls"][0]["enable_gqa"]
+
+
+def test_diagnose_replays_the_allocator_history() -> None:
+    """The peak of the recorded step, the blocks live then, and their labels, from a synthetic allocator trace."""
+    d = _diagnose()
+    snapshot = {
+        "segments": [
+            {
+                "device": 0,
+                "blocks": [
+                    {"address": 1000, "size": 1024, "requested_size": 1000, "state": "active_allocated"},
+                    {"address": 9000, "size": 512, "state": "inactive"},
+                ],
+            },
+            {"device": 1, "blocks": [{"address": 7, "size": 512, "state": "active_allocated"}]},
+        ]
+    }
+    before = d.live_blocks(snapshot, 0)
+    assert before == {1000: {"size": 1024, "block_size": 1024, "frames": []}}
+    py = [
+        {"filename": "/x/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"},
+        {"filename": "/x/transformers/models/llama/modeling_llama.py", "line": 42, "name": "forward"},
+    ]
+    trace = [
+        {"action": "alloc", "addr": 64, "size": 100},  # before the marker: ignored
+        {"action": "free_requested", "addr": 64, "size": 100},
+        {"action": "alloc", "addr": 5000, "size": d.MARKER_BYTES},
+        {"action": "free_requested", "addr": 5000, "size": d.MARKER_BYTES},
+        {"action": "alloc", "addr": 2000, "size": 4096, "frames": py},  # an op output
+        {"action": "alloc", "addr": 3000, "size": 100, "frames": py},  # not an op output (a workspace)
+        {"action": "free_requested", "addr": 2000, "size": 4096},
+        {"action": "alloc", "addr": 4000, "size": 8192},  # an op output: the peak
+        {"action": "free_requested", "addr": 4000, "size": 8192},
+        {"action": "free_requested", "addr": 3000, "size": 100},
+    ]
+    m = d.find_marker(trace, 5000)
+    assert m == 2 and d.find_marker(trace, 6000) == -1
+    initial, peak, live, allocs = d.replay(before, trace, m + 2)
+    assert initial == 1024 and peak == 1024 + 512 + 8192
+    assert sorted(live) == [1000, 3000, 4000]
+    labels = d.label_allocs(
+        allocs,
+        [
+            (2000, 4096, "forward fwd model.layers.3.mlp aten.mm.default"),
+            (4000, 8192, "backward bwd model.layers.0.mlp MmBackward0 aten.mm.default"),
+        ],
+    )
+    assert sorted(labels.values()) == [
+        "backward bwd model.layers.0.mlp MmBackward0 aten.mm.default",
+        "forward fwd model.layers.3.mlp aten.mm.default",
+    ]
+    top, items = d.describe_peak(live, labels, {1000: "weights model.embed_tokens.weight"}, top=2)
+    assert [i["bytes"] for i in top] == [8192, 1024]
+    groups = {i["group"]: i for i in items}
+    assert set(groups) == {
+        "backward bwd model.layers.N.mlp MmBackward0 aten.mm.default",
+        "weights",
+        "[step, not an op output] llama/modeling_llama.py:42 forward",
+    }
+    diff = d.diff_groups(items, [{"group": "weights", "bytes": 1024}], top=5)
+    assert {r["group"] for r in diff} == set(groups) - {"weights"}
+
+
+def test_diagnose_small_model_is_the_cuda_tests_model() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_tm", BENCH.parent / "tests" / "test_memory.py")
+    tm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tm)
+    assert _diagnose().SMALL == tm.SMALL
+
+
+def test_diagnose_without_cuda_exits_2(capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-CUDA error")
+    d = _diagnose()
+    assert d.main(["--model", "tiny"]) == 2
+    assert "--dry-run" in capsys.readouterr().err
+    assert d.main(["--dry-run", "--method", "qlora"]) == 2
+    assert "qlora" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# provenance: the commit is the project's own
+def _load_common(path: Path):
+    import importlib.util
+
+    name = f"_common_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # (its dataclasses look their module up)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[name]
+    return mod
+
+
+def _git(cwd: Path, *args: str) -> str:
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_hardware_names_the_projects_own_commit_or_unknown(tmp_path: Path) -> None:
+    """hardware()'s git commit is this project's: a copy exported without .git into another checkout reports
+    "unknown" (not the enclosing checkout's commit), as does a copy inside a repository of another project."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    _git(outer, "init", "-q")
+    (outer / "other.txt").write_text("another project\n")
+    _git(outer, "add", "other.txt")
+    _git(outer, "commit", "-q", "-m", "other")
+    export = outer / "export"
+    (export / "benchmarks").mkdir(parents=True)
+    shutil.copy(BENCH / "common.py", export / "benchmarks" / "common.py")
+    (export / "src" / "grass_llm").mkdir(parents=True)
+    (export / "src" / "grass_llm" / "__init__.py").write_text("")
+    exported = _load_common(export / "benchmarks" / "common.py")
+    assert exported.git_commit() == "unknown" and exported.git_uncommitted() == []
+    # a repository of its own that is not this project (it tracks neither file) is not either
+    _git(export, "init", "-q")
+    (export / "x.txt").write_text("x\n")
+    _git(export, "add", "x.txt")
+    _git(export, "commit", "-q", "-m", "x")
+    assert _load_common(export / "benchmarks" / "common.py").git_commit() == "unknown"
+    # once it tracks the project's files it is the project's checkout
+    _git(export, "add", "benchmarks/common.py", "src/grass_llm/__init__.py")
+    _git(export, "commit", "-q", "-m", "project")
+    assert _load_common(export / "benchmarks" / "common.py").git_commit() == _git(
+        export, "rev-parse", "--short", "HEAD"
+    )
+    # this checkout: its own commit
+    here = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH.parent, capture_output=True, text=True
+    )
+    if here.returncode == 0:
+        assert _load_common(BENCH / "common.py").git_commit() == here.stdout.strip()
+
+
+def test_diagnose_record_step_with_a_stand_in_allocator(monkeypatch) -> None:
+    """record_step's plumbing (history calls, snapshot, replay, labels) on the CPU, with torch.cuda's memory
+    functions standing in for a GPU's: a trace in which the step's one large block is an op output."""
+    import torch
+
+    from grass_llm.memory import LiveBytesTracker, training_step
+
+    d = _diagnose()
+    cfg = d.config_for("tiny", dry_run=True)
+    step = training_step(cfg, "fft", device="cpu", seq_len=16)
+    step.run(1, 16)
+    calls = []
+    tracker = LiveBytesTracker(device="cpu", origins=True)
+    tracker.track(list(step.model.parameters()), "weights")
+
+    def trace():  # the marker, then one allocation per storage the tracker saw in the step (addresses, sizes)
+        events = [
+            {"action": "alloc", "addr": 5000, "size": d.MARKER_BYTES},
+            {"action": "free_requested", "addr": 5000, "size": d.MARKER_BYTES},
+        ]
+        for e in tracker.allocations[len(params) :]:
+            if e.ptr:  # (an empty tensor allocates nothing)
+                events.append({"action": "alloc", "addr": e.ptr, "size": e.nbytes, "frames": []})
+        events.append({"action": "alloc", "addr": 1, "size": 32 * 2**20, "frames": []})  # a workspace
+        return events
+
+    params = list(step.model.parameters())
+
+    def history(enabled="all", context="all", stacks="all", max_entries=1, device=None, clear_history=False):
+        calls.append({"enabled": enabled, "stacks": stacks, "clear_history": clear_history})
+
+    fake = {
+        "_record_memory_history": history,
+        "_snapshot": lambda *a, **k: {"segments": [], "device_traces": [trace()]},
+    }
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda.memory, name, fn)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 123)
+    monkeypatch.setattr(d, "allocate_marker", lambda dev: 5000)
+    args = d.parse(["--dry-run", "--top", "5"])
+    args.seq_len = 16
+    out = d.record_step(step, args, torch.device("cpu"), 0, tracker, {})
+    assert calls and calls[0].get("clear_history") is True
+    assert out["recorded_step_peak"] == 123 and out["tracker_peak"] > 0 and "error" not in out
+    assert out["allocs_labelled"] == out["allocs_in_step"] - 1  # every op output labelled, not the workspace
+    groups = {g["group"] for g in out["live_at_peak_groups"]}
+    assert "[step, not an op output] (no Python frames)" in groups
+    assert any(g.startswith("forward ") or g.startswith("backward ") for g in groups)
+    plain = d.record_step(step, args, torch.device("cpu"), 0, None, {})
+    assert plain["allocs_labelled"] == 0 and "tracker_peak" not in plain

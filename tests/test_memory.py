@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import subprocess
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -28,6 +30,10 @@ TINY = dict(
     vocab_size=256,
     max_position_embeddings=256,
 )
+
+
+#: the 512-wide model of the CUDA comparison (benchmarks/memory_diagnose.py --model small is the same)
+SMALL = {**TINY, "hidden_size": 512, "intermediate_size": 1024, "vocab_size": 4096}
 
 
 @pytest.fixture(autouse=True)
@@ -354,7 +360,7 @@ def test_measure_without_cuda_errors(tiny):
 @pytest.mark.parametrize("method", ["fft", "grass", "lisa", "lora"])
 @pytest.mark.parametrize("checkpointing", ["none", "frozen"])
 def test_estimate_matches_cuda_max_memory_allocated(method, checkpointing):
-    cfg = LlamaConfig(**{**TINY, "hidden_size": 512, "intermediate_size": 1024, "vocab_size": 4096})
+    cfg = LlamaConfig(**SMALL)
     kw = dict(rank=8, seq_len=256, activation_checkpointing=checkpointing)
     est = M.estimate_memory(cfg, method, **kw)
     measured = M.measure_cuda_step(cfg, method, **kw)
@@ -412,3 +418,163 @@ def test_probing_estimate(tiny):
     assert probe.gradients <= 2 * largest + 1024
     with pytest.raises(M.MemoryEstimateError, match="method=lisa does not probe"):
         M.estimate_memory(tiny, "lisa", phase="probe")
+
+
+def test_cli_phase_probe_computes_only_the_probing_rows(tiny_json, tmp_path, monkeypatch, capsys):
+    """--phase probe estimates (and with --measure, measures) the probing step only: no training-step
+    estimate or CUDA run is made and thrown away, and the measurement is the probing step's."""
+    estimated, measured = [], []
+    real_estimate = M.estimate_memory
+
+    def estimate(*a, **k):
+        estimated.append(k.get("phase", "train"))
+        return real_estimate(*a, **k)
+
+    def measure(*a, **k):
+        measured.append(k.get("phase", "train"))
+        return 12345
+
+    monkeypatch.setattr(M, "estimate_memory", estimate)
+    monkeypatch.setattr(M, "measure_cuda_step", measure)
+    monkeypatch.setattr(M.torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "mem.json"
+    argv = ["--model", str(tiny_json), "--method", "grass,fft", "--seq-len", "32", "--json", str(out)]
+    assert _memory_cli([*argv, "--phase", "probe", "--measure"]) == 0
+    assert estimated == ["probe"] and measured == ["probe"]
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["phase"], r["measured_peak"]) for r in rows] == [("grass", "probe", 12345)]
+    estimated.clear(), measured.clear()
+    assert _memory_cli([*argv, "--phase", "both", "--measure"]) == 0
+    assert estimated == measured == ["train", "probe", "train"]
+    capsys.readouterr()
+    assert _memory_cli(["--model", str(tiny_json), "--method", "fft", "--phase", "probe"]) == 2
+    assert "probes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_training_step_probe_phase_needs_a_probing_method(tiny):
+    with pytest.raises(M.MemoryEstimateError, match="does not probe"):
+        M.training_step(tiny, "lisa", device="cpu", phase="probe")
+    step = M.training_step(tiny, "grass", device="cpu", seq_len=16, phase="probe")
+    step.run(1, 16)
+    step.run(1, 16)
+    assert step.opt.probing
+
+
+# ------------------------------------------------------------------------------------------------
+# memory given back (issue 17.3): after `del` the model, the optimizer, the offloader, every weight and every
+# optimizer state are collected, so a notebook, a sweep or an OOM retry gets its memory back
+def _built(make) -> tuple[object, dict[str, object]]:
+    """(the object holding model + optimizer, weak references to everything that holds memory), after 2 steps."""
+    holder, model, opt, run = make()
+    for _ in range(2):
+        run()
+    refs = {"model": weakref.ref(model), "optimizer": weakref.ref(opt)}
+    off = getattr(opt, "offloader", None)
+    if off is not None:
+        refs["offloader"] = weakref.ref(off)
+    refs.update({f"weight {n}": weakref.ref(p) for n, p in model.named_parameters()})
+    states = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    if off is not None:  # its device slots, and its host buffers (private: checked while the layout has them)
+        states += off.device_buffers()
+        states += [
+            u.host for u in getattr(off, "_units", {}).values() if torch.is_tensor(getattr(u, "host", None))
+        ]
+    refs.update({f"state {i}": weakref.ref(t) for i, t in enumerate(states)})
+    return holder, refs
+
+
+def _grass_offload_cpu():
+    from conftest import make_tiny_llama
+
+    from grass_llm import GrassConfig, GrassOptimizer
+
+    model = make_tiny_llama()
+    opt = GrassOptimizer(model, GrassConfig(active_layers=2, period=2, probe_steps=1, offload=True), lr=1e-3)
+    assert opt.offloader is not None
+    x = torch.randint(0, 64, (2, 12))
+
+    def run():
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return [model, opt], model, opt, run
+
+
+def _training_step(method, **kw):
+    def make():
+        step = M.training_step(TINY_CONFIG, method, device="cpu", seq_len=16, **kw)
+        if method in ("grass", "lisa") and kw.get("overrides", {}).get("grass.offload"):
+            assert step.opt.offloader is not None
+        return step, step.model, step.opt, lambda: step.run(1, 16)
+
+    return make
+
+
+TINY_CONFIG = LlamaConfig(**TINY)
+OFFLOAD = {"grass.offload": True}
+RELEASE_CASES = {
+    "GrassOptimizer offload": _grass_offload_cpu,
+    "grass offload": _training_step("grass", overrides=OFFLOAD),
+    "grass probing": _training_step("grass", phase="probe", overrides=OFFLOAD),
+    "lisa offload": _training_step("lisa", overrides=OFFLOAD),
+    "grass +AC frozen": _training_step("grass", activation_checkpointing="frozen"),
+    "lora": _training_step("lora", rank=4),
+    "fft": _training_step("fft"),
+}
+
+
+def _alive(refs: dict[str, object]) -> list[str]:
+    return [name for name, ref in refs.items() if ref() is not None]
+
+
+@pytest.mark.parametrize("case", list(RELEASE_CASES))
+def test_del_and_gc_collect_release_model_optimizer_and_offloader(case):
+    holder, refs = _built(RELEASE_CASES[case])
+    del holder
+    gc.collect()
+    assert not _alive(refs)
+
+
+# No reference cycle keeps a model alive: del alone frees it (the chunked loss's head hook and the frozen-block
+# checkpointing's peers are weak references; the optimizer's parts call back through weak references).
+REFCOUNT_CASES = {
+    "GrassOptimizer offload": _grass_offload_cpu,
+    "grass offload, model's loss": _training_step("grass", chunked_loss=False, overrides=OFFLOAD),
+    "lisa offload, model's loss": _training_step("lisa", chunked_loss=False, overrides=OFFLOAD),
+    "fft, model's loss": _training_step("fft", chunked_loss=False),
+    "grass offload, chunked loss": _training_step("grass", overrides=OFFLOAD),
+    "grass +AC frozen, model's loss": _training_step("grass", chunked_loss=False, activation_checkpointing="frozen"),
+    "grass kept per period": _training_step("grass", overrides={"grass.offload": "period"}),
+    "grass probing (blocks recomputed)": _training_step("grass", overrides={"grass.probe_steps": 10}),
+}
+
+
+@pytest.mark.parametrize("case", list(REFCOUNT_CASES))
+def test_del_alone_releases_the_memory(case):
+    """Without the garbage collector: what `del model, opt; torch.cuda.empty_cache()` gives back at once."""
+    gc.collect()
+    gc.disable()
+    try:
+        holder, refs = _built(REFCOUNT_CASES[case])
+        del holder
+        alive = _alive(refs)
+    finally:
+        gc.enable()
+    assert not alive, alive[:5]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_measure_cuda_step_gives_its_memory_back():
+    """A measurement leaves nothing allocated behind it (the cuBLAS workspaces of a first matmul aside), so the
+    next one in the same process measures itself only."""
+    cfg = LlamaConfig(**SMALL)
+    kw = dict(rank=8, seq_len=256)
+    M.measure_cuda_step(cfg, "fft", **kw)  # (the first creates the cuBLAS workspaces)
+    before = torch.cuda.memory_allocated()
+    first = M.measure_cuda_step(cfg, "lisa", **kw)
+    M.measure_cuda_step(cfg, "grass", activation_checkpointing="frozen", **kw)
+    assert torch.cuda.memory_allocated() == before
+    assert M.measure_cuda_step(cfg, "lisa", **kw) == first

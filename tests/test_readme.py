@@ -24,8 +24,12 @@ def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
-def _cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRASS_DATA_DIR": str(ROOT.parent / "shared" / "data")}
+def _cli(
+    args: list[str], cwd: Path, timeout: int = 240, data_dir: Path | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if data_dir is not None:
+        env["GRASS_DATA_DIR"] = str(data_dir)
     return subprocess.run(
         [sys.executable, "-m", "grass_llm", *args],
         cwd=cwd,
@@ -88,8 +92,9 @@ def test_readme_demo_command_trains_and_prints_where_everything_is(tmp_path):
     assert "Traceback" not in proc.stderr and "warnings.warn" not in proc.stderr
 
 
-def test_readme_command_line_block_runs(tmp_path):
-    """The `## Command line` block, run top to bottom in a scratch directory (shortened runs)."""
+def test_readme_command_line_block_runs(tmp_path, eval_data):
+    """The `## Command line` block, run top to bottom in a scratch directory (shortened runs). The eval reads
+    $GRASS_DATA_DIR's data, or the records shipped in tests/data on a fresh clone."""
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     block = next(b for b in _blocks("bash") if b.lstrip().startswith("grass-llm train [--config"))
     cmds = _commands(block)
@@ -117,7 +122,8 @@ def test_readme_command_line_block_runs(tmp_path):
     # 4: eval of the run's final model on the arithmetic sets (2 items each)
     final = tmp_path / "runs" / "demo" / "final"
     args = [a.replace("RUN/final", str(final)) for a in cmds[3][1:]]
-    proc = _cli([*args, "--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "eval")], tmp_path)
+    out = ["--out", str(tmp_path / "eval")]
+    proc = _cli([*args, "--limit", "2", "--max-new-tokens", "4", *out], tmp_path, data_dir=eval_data)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "eval" / "results.md").read_text()
     assert "| MultiArith | AddSub | GSM8K | AQuA | SingleEq | SVAMP | Avg. |" in table
@@ -222,3 +228,52 @@ def test_readme_torchrun_command_runs_on_two_cpu_processes(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes x 4 rows" in proc.stdout and proc.stdout.count("done: 25 steps") == 1
+
+
+def test_ci_run_sets_grass_data_dir_only_when_the_data_is_there(tmp_path):
+    """.ci/run on a fresh clone without ../shared beside it leaves GRASS_DATA_DIR unset (the tests then use
+    tests/data); beside ../shared/data it points there; a GRASS_DATA_DIR already set is kept."""
+    line = next(
+        ln
+        for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+        if "GRASS_DATA_DIR" in ln and "export" in ln
+    )
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "GRASS_DATA_DIR"}
+
+    def value(extra_env: dict | None = None) -> str:
+        script = f'{line}\necho "${{GRASS_DATA_DIR-unset}}"'
+        proc = subprocess.run(
+            ["bash", "-c", script],
+            cwd=clone,
+            env={**env, **(extra_env or {})},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return proc.stdout.strip()
+
+    assert value() == "unset"
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    assert Path(value()) == (tmp_path / "shared" / "data").resolve()
+    assert value({"GRASS_DATA_DIR": "/elsewhere"}) == "/elsewhere"
+
+
+def test_bundled_eval_data_is_the_first_records_of_each_set():
+    """tests/data holds the first 4 records of every evaluation set grass-llm eval knows (HellaSwag's test set is
+    not in the snapshot), readable by the evaluator; they equal the full files' when those are here."""
+    from conftest import BUNDLED_DATA, SHARED_DATA
+
+    from grass_llm import evaluate as E
+    from grass_llm.data import load_records
+
+    assert (BUNDLED_DATA / "llm-adapters" / "SOURCE.md").is_file()
+    for name in E.GROUPS["all"]:
+        if name == "HellaSwag":
+            continue
+        records = load_records(E.benchmark_path(name, BUNDLED_DATA), required=("instruction", "answer"))
+        assert len(records) == 4, name
+        if SHARED_DATA is not None and (SHARED_DATA / "llm-adapters" / "dataset").is_dir():
+            full = json.loads(E.benchmark_path(name, SHARED_DATA).read_text())
+            assert records == full[:4], name

@@ -114,10 +114,10 @@ def _recomputes(block: nn.Module, args: tuple, kwargs: dict) -> bool:
     while_ = getattr(block, "_grass_while", None)
     if while_ is not None and while_():
         return True
-    peers = getattr(block, "_grass_peers", ())
+    peers = [ref() for ref in getattr(block, "_grass_peers", ())]  # weak: blocks must not keep each other
     if not peers:
         return False
-    if len(peers) > 1 and all(_trains(b) for b in peers):
+    if len(peers) > 1 and all(b is not None and _trains(b) for b in peers):
         # every block trains (FFT): keeping every block's activations is what this mode avoids
         return True
     # frozen, and backward must pass through: keep the inputs, recompute the rest in backward
@@ -193,7 +193,7 @@ def checkpoint_frozen_blocks(model: nn.Module, layers: Any = None, enable: bool 
     blocks = discover_layers(model, layers).blocks
     peers = tuple(blocks)
     for block in blocks:
-        _mark(block, "_grass_peers", peers if enable else None)
+        _mark(block, "_grass_peers", tuple(weakref.ref(b) for b in peers) if enable else None)
     return len(blocks)
 
 

@@ -37,6 +37,7 @@ L3. The gradients are computed in forward and saved; backward only scales them b
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -232,7 +233,13 @@ class ChunkedCausalLMLoss:
         self.chunk_tokens = chunk_tokens
         self.ignore_index = ignore_index
         self._hidden: torch.Tensor | None = None
-        self._handle = self.head.register_forward_hook(self._capture)
+        ref = weakref.ref(self)  # the hook must not keep this object (and so the head) alive: no cycle
+
+        def capture(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+            loss = ref()
+            return None if loss is None else loss._capture(module, args, output)
+
+        self._handle = self.head.register_forward_hook(capture)
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         (hidden,) = args

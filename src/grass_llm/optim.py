@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -59,6 +60,12 @@ from grass_llm.layers import LayerGroups, LayerSpec, discover_layers
 __all__ = ["GrassOptimizer", "no_weight_decay_ids"]
 
 _SCALE_UNIT = "loss_scale_probe"
+
+
+def _weakly(obj: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(obj, *args)`` through a weak reference to ``obj``."""
+    ref = weakref.ref(obj)
+    return lambda *args: fn(ref(), *args)
 
 
 def _check_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
@@ -155,18 +162,20 @@ class GrassOptimizer(torch.optim.Optimizer):
         self.selection = LayerSelector(
             cfg, [self.groups.numel(i) for i in range(self.num_layers)], device, self.backend.broadcast_layers
         )
-        self.probe = GradientProbe(self.units, self.backend, self.loss_scale_probe, lambda: self.probing, self)
+        # the parts call back through weak references: no reference cycle, so `del opt` frees its states at once
+        groups = _weakly(self, lambda o: o.param_groups)
+        self.probe = GradientProbe(self.units, self.backend, self.loss_scale_probe, _weakly(self, lambda o: o.probing), self)
         no_decay = set() if decay_bias_and_norm else no_weight_decay_ids(self.model)
         trainable_units = [name for name, layer, _ in self.units.specs if layer is not None or name in self._always]
         self.store = StateStore(
-            cfg, self.units, self.backend, lambda: self.param_groups, lambda: self.state, trainable_units, no_decay, device
+            cfg, self.units, self.backend, groups, _weakly(self, lambda o: o.state), trainable_units, no_decay, device
         )
         self.in_backward = InBackwardStepper(
             self.units,
-            lambda: self.param_groups,
-            self._trained_groups,
-            lambda group, following: self.store.update_unit(group, self.global_step, following),
-            lambda rows: all_finite(self.probe.param_sumsq[rows]),
+            groups,
+            _weakly(self, lambda o: o._trained_groups()),
+            _weakly(self, lambda o, group, following: o.store.update_unit(group, o.global_step, following)),
+            _weakly(self, lambda o, rows: all_finite(o.probe.param_sumsq[rows])),
         )
         self.backend.attach(
             [self.units.trainable_of(g["params"]) for g in self._units], on_reduced=weak_call(self, "_on_reduced")

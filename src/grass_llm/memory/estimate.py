@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -386,18 +387,27 @@ class TrainingStep:
         from grass_llm.loss import causal_lm_loss
 
         cfg, dev = self.cfg, self.device
-        ids = torch.randint(0, self.vocab, (batch_size, seq_len), device=dev)  # (B, T)
-        n_items = torch.tensor(max(batch_size * (seq_len - 1), 1), device=dev)
-        batch = {"input_ids": ids, "labels": ids}
-        loss = causal_lm_loss(self.model, batch, self.loss_fn, n_items, cfg.compact_activations)
-        loss.backward()
+
+        def section(name: str):
+            return tracker.section(name) if tracker is not None else contextlib.nullcontext()
+
+        with section("forward"):
+            ids = torch.randint(0, self.vocab, (batch_size, seq_len), device=dev)  # (B, T)
+            n_items = torch.tensor(max(batch_size * (seq_len - 1), 1), device=dev)
+            batch = {"input_ids": ids, "labels": ids}
+            loss = causal_lm_loss(self.model, batch, self.loss_fn, n_items, cfg.compact_activations)
+        with section("backward"):
+            loss.backward()
         del loss, ids
         if not self.method.layer_wise and cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
-            )
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+            with section("clip"):
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
+                )
+        with section("optimizer"):
+            self.opt.step()
+        with section("zero_grad"):
+            self.opt.zero_grad(set_to_none=True)
         if tracker is not None:  # what outlives the step is optimizer state (the rest: temporaries)
             tracker.retag(self.state_tensors(), "optimizer_states")
 
@@ -427,6 +437,7 @@ def estimate_memory(
     round_to: int = ALLOCATOR_ROUND,
     world_size: int = 1,
     phase: str = "train",
+    peak_detail: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak device memory of a training step of ``model`` with ``method``.
 
@@ -454,6 +465,8 @@ def estimate_memory(
             CPU tensors (FSDP2 refuses meta ones) and the offloader's host buffers on meta, out of the count.
         phase: ``train`` (a training step) or ``probe`` (a probing step of the methods that probe:
             backward through every layer, each gradient freed as soon as its norm is read).
+        peak_detail: also list every storage live at the peak, labelled with what made it
+            (``extra["peak_storages"]``: ``LiveBytesTracker.peak_storages`` with ``origins=True``; slower).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -494,8 +507,7 @@ def estimate_memory(
         settings.setdefault("grass.offload", "period")  # what auto gives on CUDA
     name = _config_name(config) if not isinstance(model, (str, Path)) else str(model)
     cfg = _train_config(name, method, settings)
-    if phase == "probe" and not (layer_wise and cfg.grass.probe_steps > 0):
-        raise MemoryEstimateError(f"method={method} does not probe; allowed: phase=train")
+    _check_probes(cfg, method, phase)
     num_layers = getattr(config, "num_hidden_layers", None)
     active_layers = cfg.grass.active_layers if layer_wise else None
     active_layer_ids = _active_ids(active_layer_ids, active_layers, num_layers) if layer_wise else None
@@ -505,22 +517,15 @@ def estimate_memory(
     with _fake_mode_patches(mode, device.type), _fake_process_group(world_size) as mesh:
         step = TrainingStep(config, cfg, device, mode, active_layer_ids, optimizer_impl, mesh)
         net = step.model
-        tracker = LiveBytesTracker(round_to=round_to, device=device)
-        tracker.track([_local(t) for t in [*net.parameters(), *net.buffers()]], "weights")
+        tracker = LiveBytesTracker(round_to=round_to, device=device, origins=peak_detail)
+        named = [*net.named_parameters(), *net.named_buffers()]
+        tracker.track([_local(t) for _, t in named], "weights", names=[n for n, _ in named])
         # states already on the device before the first step (residency per period: the active layers')
         tracker.track(step.state_tensors(), "optimizer_states")
 
-        def retag_grad(p: torch.Tensor) -> None:
-            if p.grad is not None:
-                tracker.retag(_local(p.grad), "gradients")
-
-        for p in net.parameters():
-            # GrassOptimizer switches requires_grad itself: hook every parameter
-            was = p.requires_grad
-            p.requires_grad_(True)
-            p.register_post_accumulate_grad_hook(retag_grad)
-            p.requires_grad_(was)
-        with mode or contextlib.nullcontext(), tracker:
+        tag_gradients(net, tracker)
+        labels = tracker.label_modules(net) if peak_detail else contextlib.nullcontext()
+        with mode or contextlib.nullcontext(), labels, tracker:
             for _ in range(steps):
                 step.run(batch_size, seq_len, tracker)
         breakdown = tracker.peak_breakdown()
@@ -531,6 +536,8 @@ def estimate_memory(
             else sum(p.numel() for g in step.opt.param_groups for p in g["params"])
         )
         extra = _extras(step)
+        if peak_detail:
+            extra["peak_storages"] = tracker.peak_storages()
 
     return MemoryEstimate(
         model=name,
@@ -557,6 +564,23 @@ def estimate_memory(
     )
 
 
+def tag_gradients(model: torch.nn.Module, tracker: LiveBytesTracker) -> list:
+    """Count each parameter's accumulated gradient as ``gradients`` in ``tracker`` (a hook on every
+    parameter: GrassOptimizer switches ``requires_grad`` itself). Returns the hook handles."""
+
+    def retag_grad(p: torch.Tensor) -> None:
+        if p.grad is not None:
+            tracker.retag(_local(p.grad), "gradients")
+
+    handles = []
+    for p in model.parameters():
+        was = p.requires_grad
+        p.requires_grad_(True)
+        handles.append(p.register_post_accumulate_grad_hook(retag_grad))
+        p.requires_grad_(was)
+    return handles
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP2 ``DTensor``; any other tensor as it is."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -580,6 +604,16 @@ def _fake_process_group(world_size: int):
         yield init_device_mesh("cpu", (world_size,))
     finally:
         dist.destroy_process_group()
+
+
+#: ``grass.probe_steps`` of a real run that measures probing steps: every step it runs probes
+_PROBE_FOREVER = 2**31 - 1
+
+
+def _check_probes(cfg, method: str, phase: str) -> None:
+    """``phase="probe"`` needs a method that probes with these settings (LISA's fixed settings do not)."""
+    if phase == "probe" and not (cfg.layer_wise and cfg.grass.probe_steps > 0):
+        raise MemoryEstimateError(f"method={method} does not probe; allowed: phase=train")
 
 
 def _active_ids(ids: Sequence[int] | None, gamma: int, num_layers: int | None) -> list[int]:
@@ -697,14 +731,16 @@ def training_step(
     chunked_loss: bool = True,
     optimizer_impl: str = "auto",
     overrides: dict[str, Any] | None = None,
+    phase: str = "train",
 ) -> TrainingStep:
     """A randomly initialised ``model`` (a config) with ``method`` on a real ``device``, built from the same
     ``TrainConfig`` as :func:`estimate_memory` (same arguments); for measurements and timings
     (``benchmarks/gpu_check.py``). ``batch_size`` / ``seq_len`` only size ``max_length``: pass them to
-    ``run`` too."""
+    ``run`` too. ``phase="probe"``: every ``run`` is a probing step (methods that probe only)."""
     _check_choice("method", method, methods())
     _check_choice("dtype", dtype, tuple(_DTYPES))
     _check_choice("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
+    _check_choice("phase", phase, PHASES)
     config = load_config(model)
     from grass_llm.recipes.methods import get_method
 
@@ -720,7 +756,10 @@ def training_step(
         chunked_loss,
         overrides,
     )
+    if layer_wise and phase == "probe":
+        settings["grass.probe_steps"] = _PROBE_FOREVER
     cfg = _train_config(_config_name(config), method, settings)
+    _check_probes(cfg, method, phase)
     num_layers = getattr(config, "num_hidden_layers", None)
     active = _active_ids(active_layer_ids, cfg.grass.active_layers, num_layers) if layer_wise else None
     return TrainingStep(config, cfg, torch.device(device), None, active, optimizer_impl)
@@ -747,12 +786,15 @@ def measure_cuda_step(
     overrides: dict[str, Any] | None = None,
     steps: int = 2,
     device: str = "cuda",
+    phase: str = "train",
 ) -> int:
     """Run the same training steps on a real CUDA device; return ``torch.cuda.max_memory_allocated``.
 
     The model is randomly initialised from its config (no weights are downloaded) and the method built
-    with the same ``TrainConfig`` as :func:`estimate_memory`. Raises :class:`MemoryEstimateError`
-    without CUDA.
+    with the same ``TrainConfig`` as :func:`estimate_memory`; ``phase="probe"`` measures probing steps.
+    Garbage is collected before and after, so measurements in one process do not count each other's
+    memory (the first one in a process also allocates the cuBLAS workspaces, which stay). Raises
+    :class:`MemoryEstimateError` without CUDA.
     """
     if not torch.cuda.is_available():
         raise MemoryEstimateError("measure_cuda_step needs a CUDA device; torch.cuda.is_available() is False")
@@ -760,6 +802,9 @@ def measure_cuda_step(
     _check_choice("dtype", dtype, tuple(_DTYPES))
     _check_choice("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
     dev = torch.device(device)
+    # what earlier work left to the garbage collector (reference cycles: a model with frozen-block checkpointing,
+    # the chunked loss's hook on the head) is freed first, or it would count in this measurement
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     step = training_step(
@@ -776,6 +821,7 @@ def measure_cuda_step(
         chunked_loss=chunked_loss,
         optimizer_impl=optimizer_impl,
         overrides=overrides,
+        phase=phase,
     )
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
@@ -784,6 +830,7 @@ def measure_cuda_step(
     torch.cuda.synchronize(dev)
     peak = int(torch.cuda.max_memory_allocated(dev))
     del step
+    gc.collect()  # (the cycles above: freed now, not at the garbage collector's next pass)
     torch.cuda.empty_cache()
     return peak
 
@@ -917,17 +964,20 @@ def cli_main(args: argparse.Namespace) -> int:
                 optimizer_impl=args.optimizer_impl,
                 overrides=overrides,
             )
-            est = estimate_memory(args.model, method, world_size=args.world_size, **kwargs)
-            if args.measure:
-                if args.world_size > 1:
-                    raise MemoryEstimateError("--measure runs one device; allowed with --world-size 1")
-                est.measured_peak = measure_cuda_step(args.model, method, **kwargs)
-            if args.phase != "probe":
+            if args.measure and args.world_size > 1:
+                raise MemoryEstimateError("--measure runs one device; allowed with --world-size 1")
+            phases = [p for p in PHASES if args.phase in (p, "both")]
+            if "probe" in phases and not _probes(method, overrides):
+                phases.remove("probe")  # (a method without a probing phase has no probing row)
+            for phase in phases:  # only what the table reports is computed (and measured)
+                est = estimate_memory(args.model, method, world_size=args.world_size, phase=phase, **kwargs)
+                if args.measure:
+                    est.measured_peak = measure_cuda_step(args.model, method, phase=phase, **kwargs)
                 estimates.append(est)
-            if args.phase != "train" and _probes(method, overrides):
-                estimates.append(
-                    estimate_memory(args.model, method, world_size=args.world_size, phase="probe", **kwargs)
-                )
+        if not estimates:
+            raise MemoryEstimateError(
+                f"--phase probe: none of the methods {', '.join(chosen)} probes with these settings"
+            )
     except MemoryEstimateError as err:
         print(f"grass-llm memory: error: {err}", file=sys.stderr)
         return 2

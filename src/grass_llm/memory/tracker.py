@@ -5,18 +5,26 @@ given to :meth:`~LiveBytesTracker.track`), frees them through weak references, a
 with its breakdown by category. It works with real and fake tensors alike; each storage is rounded up
 to the CUDA caching allocator's 512-byte granularity, so the peak compares with
 ``torch.cuda.max_memory_allocated``.
+
+With ``origins=True`` each storage also keeps a label of what made it (the op, the section of the
+step, the module or autograd node), and :meth:`~LiveBytesTracker.peak_storages` lists the storages
+live at the peak: the diagnostic view that ``benchmarks/memory_diagnose.py`` compares with the CUDA
+caching allocator's own record of a real step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["ALLOCATOR_ROUND", "CATEGORIES", "LiveBytesTracker"]
@@ -27,11 +35,17 @@ ALLOCATOR_ROUND = 512  # bytes: the CUDA caching allocator rounds every block up
 
 
 class _Entry:
-    __slots__ = ("__weakref__", "category", "nbytes")
+    __slots__ = ("__weakref__", "category", "nbytes", "origin", "ptr")
 
-    def __init__(self, nbytes: int, category: str):
+    def __init__(self, nbytes: int, category: str, origin: str | None = None, ptr: int = 0):
         self.nbytes = nbytes
         self.category = category
+        self.origin = origin
+        self.ptr = ptr
+
+
+_NODE_KEY = "grass_module"  # autograd node metadata: the module whose forward made the node
+_THIS_FILE = os.path.normcase(os.path.abspath(__file__))
 
 
 class LiveBytesTracker(TorchDispatchMode):
@@ -47,14 +61,30 @@ class LiveBytesTracker(TorchDispatchMode):
     With ``device`` set, only storages on that device are counted (the estimator passes the model's
     device, so host buffers, such as the offloader's, are left out as they are by the CUDA allocator).
     Works with real tensors and with fake tensors alike.
+
+    ``origins=True`` (diagnostics; slower) labels every storage with what made it:
+    ``"<section> <phase> <module> <node> <op>"``, where ``section`` is set by :meth:`section` (the
+    estimator marks forward, backward, clip, optimizer, zero_grad), ``phase`` is ``fwd``, ``bwd`` or
+    ``recompute`` (a checkpointed forward run again in backward), ``module`` the innermost module
+    running (forward) or the one whose forward made the autograd node (backward; needs
+    :meth:`label_modules`), ``node`` the autograd node running, ``op`` the aten op; ops outside any
+    module carry the innermost calling line outside torch instead of a module. Tensors given to
+    :meth:`track` with ``names`` carry their names (``weight model.layers.0.mlp.up_proj.weight``).
     """
 
-    def __init__(self, round_to: int = ALLOCATOR_ROUND, device: torch.device | str | None = None):
+    def __init__(
+        self, round_to: int = ALLOCATOR_ROUND, device: torch.device | str | None = None, origins: bool = False
+    ):
         super().__init__()
         if round_to < 1:
             raise ValueError(f"round_to={round_to!r} is invalid; allowed: an integer >= 1")
         self.round_to = int(round_to)
         self.device = None if device is None else torch.device(device)
+        self.origins = bool(origins)
+        #: origins=True: every storage counted, in order (``ptr``, ``nbytes``, ``origin``, final ``category``)
+        self.allocations: list[_Entry] = []
+        self._section = ""
+        self._module_stack: list[str] = []
         self.category = "activations"
         self.current = 0
         self.peak = 0
@@ -76,16 +106,76 @@ class LiveBytesTracker(TorchDispatchMode):
         finally:
             self.category = previous
 
-    def track(self, tensors: Iterable[torch.Tensor] | torch.Tensor, category: str) -> None:
-        """Count tensors created outside the mode (weights, buffers) under ``category``."""
+    def track(
+        self,
+        tensors: Iterable[torch.Tensor] | torch.Tensor,
+        category: str,
+        names: Iterable[str] | None = None,
+    ) -> None:
+        """Count tensors created outside the mode (weights, buffers) under ``category``; ``names``
+        (one per tensor) label them when ``origins`` is on."""
         if isinstance(tensors, torch.Tensor):
             tensors = [tensors]
+        labels = iter(names) if names is not None else None
         for t in tensors:
-            self._add(t, category, retag=True)
+            name = next(labels, None) if labels is not None else None
+            origin = f"{category} {name}" if name is not None else None
+            self._add(t, category, retag=True, origin=origin)
 
     def retag(self, tensors: Iterable[torch.Tensor] | torch.Tensor, category: str) -> None:
         """Move the storage of each tensor to ``category`` (tracking it if it is not yet)."""
         self.track(tensors, category)
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Label the storages made inside the block with ``name`` (``origins`` only)."""
+        previous, self._section = self._section, name
+        try:
+            yield
+        finally:
+            self._section = previous
+
+    @contextlib.contextmanager
+    def label_modules(self, model: torch.nn.Module) -> Iterator[None]:
+        """While active, ops are labelled with the innermost module of ``model`` running, and each
+        autograd node made in a module's forward carries that module's name into backward."""
+        handles = []
+        for name, module in model.named_modules():
+            label = name or type(module).__name__
+            handles.append(module.register_forward_pre_hook(partial(self._enter_module, label)))
+            handles.append(module.register_forward_hook(partial(self._leave_module, label), always_call=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._module_stack.clear()
+
+    def _enter_module(self, label: str, module, args) -> None:
+        self._module_stack.append(label)
+
+    def _leave_module(self, label: str, module, args, output) -> None:
+        if self._module_stack and self._module_stack[-1] == label:
+            self._module_stack.pop()
+        # the nodes this forward made (inner modules labelled theirs first): walk back to labelled ones
+        todo = [t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        while todo:
+            node = todo.pop()
+            try:
+                meta = node.metadata
+            except (AttributeError, RuntimeError):
+                continue
+            if _NODE_KEY in meta:
+                continue
+            meta[_NODE_KEY] = label
+            todo.extend(n for n, _ in node.next_functions if n is not None)
+
+    def peak_storages(self) -> list[dict[str, Any]]:
+        """The storages live at the peak, largest first: ``bytes``, ``category`` and ``origin`` (``None``
+        unless ``origins`` was on when the storage was made or tracked)."""
+        self._snapshot_if_pending()
+        out = [{"bytes": n, "category": e.category, "origin": e.origin} for e, n in self._peak_entries]
+        return sorted(out, key=lambda d: -d["bytes"])
 
     def peak_breakdown(self) -> dict[str, int]:
         """Bytes per category of the storages live at the peak."""
@@ -151,10 +241,32 @@ class LiveBytesTracker(TorchDispatchMode):
     # -- dispatch -------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        origin = None
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._add(t, self.category, retag=False)
+                if self.origins and origin is None:
+                    origin = self._origin(func)
+                self._add(t, self.category, retag=False, origin=origin)
         return out
+
+    def _origin(self, func) -> str:
+        backward = torch._C._current_graph_task_id() != -1
+        node = torch._C._current_autograd_node() if backward else None
+        phase = ("recompute" if self._module_stack else "bwd") if backward else "fwd"
+        module = self._module_stack[-1] if self._module_stack else ""
+        node_name = ""
+        if node is not None:
+            node_name = node.name()
+            if not module:
+                with contextlib.suppress(AttributeError, RuntimeError):
+                    module = node.metadata.get(_NODE_KEY, "")
+        if not module:
+            module = _caller()
+        parts = [self._section or "-", phase, module or "-"]
+        if node_name:
+            parts.append(node_name)
+        parts.append(str(func))
+        return " ".join(parts)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     @staticmethod
@@ -164,7 +276,9 @@ class LiveBytesTracker(TorchDispatchMode):
         local = getattr(t, "_local_tensor", None)
         return local if isinstance(local, torch.Tensor) else t
 
-    def _add(self, t: torch.Tensor, category: str, retag: bool, resized: bool = False) -> None:
+    def _add(
+        self, t: torch.Tensor, category: str, retag: bool, resized: bool = False, origin: str | None = None
+    ) -> None:
         t = self._local(t)
         if self.device is not None and t.device.type != self.device.type:
             return
@@ -176,13 +290,19 @@ class LiveBytesTracker(TorchDispatchMode):
         if entry is not None:
             if retag:
                 entry.category = category
+                if origin is not None:
+                    entry.origin = origin
             if resized:
                 nbytes = self._rounded(st)
                 self._count(nbytes - entry.nbytes)
                 entry.nbytes = nbytes
             return
         nbytes = self._rounded(st)
-        entry = _Entry(nbytes, category)
+        entry = _Entry(nbytes, category, origin)
+        if self.origins:
+            with contextlib.suppress(RuntimeError, NotImplementedError):  # (fake / meta: no address)
+                entry.ptr = int(st.data_ptr())
+            self.allocations.append(entry)
         self._entries[st] = entry
         key = id(entry)
         self._refs[key] = weakref.ref(st, partial(self._on_free, key))
@@ -215,3 +335,14 @@ class LiveBytesTracker(TorchDispatchMode):
         if self._peak_pending and self.current == self.peak:
             self._peak_entries = [(e, e.nbytes) for e in self._live.values()]
         self._peak_pending = False
+
+
+def _caller() -> str:
+    """``file.py:line`` of the innermost Python frame outside torch and this module (or "")."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = os.path.normcase(frame.f_code.co_filename)
+        if path != _THIS_FILE and f"{os.sep}torch{os.sep}" not in path and "<" not in path:
+            return f"{os.path.basename(path)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return ""

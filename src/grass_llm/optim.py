@@ -46,8 +46,8 @@ from torch import nn
 
 from grass_llm._optim import serialization
 from grass_llm._optim.in_backward import InBackwardStepper
-from grass_llm._optim.model_binding import ModelBinding, weak_call
-from grass_llm._optim.probe import GradientProbe, loss_scale_factor
+from grass_llm._optim.model_binding import ModelBinding, move_parameter_, weak_call
+from grass_llm._optim.probe import GradientProbe, check_scaler, loss_scale_factor
 from grass_llm._optim.selection import LayerSelector
 from grass_llm._optim.state_store import StateStore
 from grass_llm._optim.units import EXTRA_UNITS, UnitTable, no_weight_decay_ids
@@ -229,25 +229,12 @@ class GrassOptimizer(torch.optim.Optimizer):
         """Current sampling probabilities per decoder layer (1-D, float64)."""
         return self.selection.sampler.probabilities.clone()
 
-    @property
-    def importance_tracker(self):
-        return self.selection.tracker
-
-    @property
-    def sampler(self):
-        return self.selection.sampler
-
-    @property
-    def probing(self) -> bool:
-        return self.selection.probing
-
-    @property
-    def probe_done(self) -> int:
-        return self.selection.probe_done
-
-    @property
-    def period_pos(self) -> int:
-        return self.selection.period_pos
+    # the selector's state, as attributes of the optimizer
+    importance_tracker = property(lambda self: self.selection.tracker)
+    sampler = property(lambda self: self.selection.sampler)
+    probing = property(lambda self: self.selection.probing, doc="Whether the next step() is a probing step.")
+    probe_done = property(lambda self: self.selection.probe_done, doc="Probing steps completed.")
+    period_pos = property(lambda self: self.selection.period_pos, doc="Steps completed in the current period.")
 
     @property
     def num_layers(self) -> int:
@@ -333,13 +320,7 @@ class GrassOptimizer(torch.optim.Optimizer):
             )
         states = self.store.param_states()
         self._device = device
-        probe = self.loss_scale_probe  # a param group's parameter: moved in place, the object stays
-        probe.grad = None
-        moved = probe.detach().to(device)
-        if torch._has_compatible_shallow_copy_type(probe, moved):
-            probe.data = moved
-        else:  # e.g. to meta (grass-llm memory, tests)
-            torch.utils.swap_tensors(probe, nn.Parameter(moved, requires_grad=probe.requires_grad))
+        move_parameter_(self.loss_scale_probe, device)  # a param group's parameter: the object stays
         self.units.to(device)
         self.selection.to(device)
         self._end_step_reset()
@@ -392,7 +373,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         self._follow_device()
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
         found_inf = getattr(self, "found_inf", None)
-        self._check_scaler(grad_scale)
+        check_scaler(grad_scale, self.backend, self.config.step_in_backward)
         factor = loss_scale_factor(self.loss_scale_probe.grad, grad_scale, self._device)
         overflow = found_inf is not None and bool(torch.as_tensor(found_inf).sum() > 0)
         try:
@@ -411,18 +392,6 @@ class GrassOptimizer(torch.optim.Optimizer):
         self.probe.reset()
         self.in_backward.reset()
         self.loss_scale_probe.grad = None
-
-    def _check_scaler(self, grad_scale: Any) -> None:
-        if grad_scale is not None and not self.backend.supports_grad_scaler:
-            raise RuntimeError(
-                f"a GradScaler cannot be used with {type(self.backend).__name__}: its overflow check would differ "
-                "between ranks; train in bf16 (or fp32)"
-            )
-        if self.config.step_in_backward and grad_scale is not None:
-            raise RuntimeError(
-                "step_in_backward=True cannot be used with a GradScaler: the updates run during backward, "
-                "before the scaler has checked the gradients; use bf16, or step_in_backward=False"
-            )
 
     def _skip(self, why: str) -> None:
         self.skipped_steps += 1

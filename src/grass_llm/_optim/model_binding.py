@@ -36,7 +36,7 @@ from torch import nn
 from grass_llm.activation_checkpointing import checkpoint_blocks_while
 from grass_llm.distributed.base import DataParallelBackend
 
-__all__ = ["ModelBinding", "weak_call"]
+__all__ = ["ModelBinding", "move_parameter_", "weak_call"]
 
 # model -> the GrassOptimizer attached to it (weakly)
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -51,6 +51,17 @@ def weak_call(obj: Any, name: str) -> Callable[..., Any]:
         return None if target is None else getattr(target, name)(*args)
 
     return call
+
+
+def move_parameter_(p: nn.Parameter, device: torch.device) -> None:
+    """Move a parameter the model does not own (the loss-scale probe) to ``device``, keeping the object that
+    the param groups hold; its gradient is dropped."""
+    p.grad = None
+    moved = p.detach().to(device)
+    if torch._has_compatible_shallow_copy_type(p, moved):
+        p.data = moved
+    else:  # e.g. to meta (grass-llm memory, tests)
+        torch.utils.swap_tensors(p, nn.Parameter(moved, requires_grad=p.requires_grad))
 
 
 def _detach(

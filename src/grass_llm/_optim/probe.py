@@ -40,7 +40,7 @@ import torch
 from grass_llm._optim.units import UnitTable
 from grass_llm.distributed.base import DataParallelBackend
 
-__all__ = ["GradientProbe", "accelerate_sync_gradients", "loss_scale_factor"]
+__all__ = ["GradientProbe", "accelerate_sync_gradients", "check_scaler", "loss_scale_factor"]
 
 
 def accelerate_sync_gradients() -> bool | None:
@@ -51,6 +51,21 @@ def accelerate_sync_gradients() -> bool | None:
     if not shared:
         return None
     return bool(shared.get("sync_gradients", True))
+
+
+def check_scaler(grad_scale: Any, backend: DataParallelBackend, step_in_backward: bool) -> None:
+    """Refuse a GradScaler where it cannot work: a backend whose ranks' overflow checks could differ, or
+    updates made during backward (before the scaler has checked the gradients)."""
+    if grad_scale is not None and not backend.supports_grad_scaler:
+        raise RuntimeError(
+            f"a GradScaler cannot be used with {type(backend).__name__}: its overflow check would differ "
+            "between ranks; train in bf16 (or fp32)"
+        )
+    if step_in_backward and grad_scale is not None:
+        raise RuntimeError(
+            "step_in_backward=True cannot be used with a GradScaler: the updates run during backward, "
+            "before the scaler has checked the gradients; use bf16, or step_in_backward=False"
+        )
 
 
 def loss_scale_factor(probe_grad: torch.Tensor | None, grad_scale: Any, device: torch.device) -> torch.Tensor | None:

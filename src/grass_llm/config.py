@@ -145,6 +145,15 @@ class GrassConfig:
             "weights are always updated exactly. benchmarks/bf16_updates.py measures the three."
         },
     )
+    fused_update: bool = field(
+        default=True,
+        metadata={
+            "help": "On CUDA, update bf16/fp16 weights that carry a Kahan compensation or fp32 masters with one "
+            "fused Triton kernel (each element read and written once) instead of PyTorch's multi-pass AdamW; "
+            "the same arithmetic up to fp32 rounding, checked against PyTorch's once per process. Needs Triton "
+            "(CUDA builds of torch bring it); ignored elsewhere. False: PyTorch's AdamW."
+        },
+    )
     probe_checkpointing: bool = field(
         default=True,
         metadata={
@@ -223,6 +232,7 @@ class GrassConfig:
             "train_norm",
             "overlap",
             "fp32_optimizer_states",
+            "fused_update",
             "probe_checkpointing",
             "step_in_backward",
         ):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.optim.adam import adam as _functional_adam
 
+from grass_llm._optim import fused_adamw as fused
 from grass_llm._optim.precision import LOW_PRECISION, PrecisionPolicy
 
 __all__ = ["Piece", "adamw_pieces"]
@@ -44,7 +45,20 @@ def adamw_pieces(
     for piece in pieces:
         buckets.setdefault((piece.param.dtype, piece.decay), []).append(piece)
     for (_, decay), bucket in buckets.items():
-        _update(bucket, group, group["weight_decay"] if decay else 0.0, policy, global_step)
+        weight_decay = group["weight_decay"] if decay else 0.0
+
+        def unfused(ps: list[Piece], weight_decay: float = weight_decay) -> None:
+            _update(ps, group, weight_decay, policy, global_step)
+
+        contiguous = all(t.is_contiguous() for p in bucket for t in (p.param, p.grad, *p.state.values()))
+        if (
+            contiguous
+            and fused.usable([p.param for p in bucket], set(bucket[0].state), policy.rounding, policy.fused)
+            and fused.fused_update_is_sound(bucket, group, weight_decay, unfused)
+        ):
+            fused.fused_adamw_(bucket, group, weight_decay)
+        else:
+            unfused(bucket)
 
 
 def _update(

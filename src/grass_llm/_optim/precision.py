@@ -53,6 +53,8 @@ class PrecisionPolicy:
     rounding: str
     fp32_states: bool
     seed: int
+    #: on CUDA, update bf16/fp16 weights with Kahan or masters in one fused kernel (``_optim.fused_adamw``)
+    fused: bool = True
 
     @classmethod
     def settle(cls, config: GrassConfig, dtypes: set[torch.dtype], residency: str) -> PrecisionPolicy:
@@ -68,7 +70,7 @@ class PrecisionPolicy:
                 "update_rounding='stochastic' supports bf16 weights, the model has fp16 ones; allowed for fp16: "
                 "kahan, nearest, or fp32_master_weights=True"
             )
-        return cls(use_master, rounding, config.fp32_optimizer_states, config.seed)
+        return cls(use_master, rounding, config.fp32_optimizer_states, config.seed, config.fused_update)
 
     @property
     def name(self) -> str:

@@ -113,9 +113,11 @@ def _worker(out: Path) -> None:
         ("accum_no_sync", False, 2, True),
         ("sharded_accum_sync_every_micro", True, 2, False),
         ("accum_all_no_sync", False, 2, "all"),
+        ("sharded_period", True, 1, True),
     ):
         model = make_model()
-        opt = make_opt(model, distributed=ReplicatedBackend(shard_optimizer_states=shard))
+        cfg = {**CFG, "offload": "period"} if name.endswith("period") else CFG  # states kept per period (CPU path)
+        opt = make_opt(model, cfg=cfg, distributed=ReplicatedBackend(shard_optimizer_states=shard))
         if name == "plain":
             dist.all_reduce = counting_all_reduce
             per_step, log = [], []
@@ -228,7 +230,7 @@ def two_ranks(tmp_path_factory, reference):
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-VARIANTS = ["plain", "sharded", "accum_no_sync", "sharded_accum_sync_every_micro", "accum_all_no_sync"]
+VARIANTS = ["plain", "sharded", "accum_no_sync", "sharded_accum_sync_every_micro", "accum_all_no_sync", "sharded_period"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -247,6 +249,8 @@ def test_sharded_equals_unsharded_bitwise_and_owns_its_units(two_ranks):
     _, ranks = two_ranks
     for r in ranks:
         assert_params_close(r["sharded"]["params"], r["plain"]["params"], exact=True)
+        assert_params_close(r["sharded_period"]["params"], r["plain"]["params"], exact=True)
+        assert r["sharded_period"]["held"] <= r["sharded_period"]["owned"]
     owned0, owned1 = ranks[0]["sharded"]["owned"], ranks[1]["sharded"]["owned"]
     assert owned0.isdisjoint(owned1) and {"layer.0", "layer.2"} <= owned0 and {"layer.1", "layer.3"} <= owned1
     for r in ranks:  # a rank holds AdamW states only for units it owns

@@ -4,6 +4,7 @@
     python benchmarks/fit_check.py --table --smoke                # the same on the tiny model (checks the script)
     python benchmarks/fit_check.py --model LLaMA2-7B --budget 24GiB     # on CUDA: plan, run it, measure it
     python benchmarks/fit_check.py --model LLaMA2-7B --budget 24GiB --dry-run   # CPU: the tiny model, same path
+    python benchmarks/fit_check.py --model LLaMA2-7B --budget 24GiB --compare 4  # + time the model's next 4
 
 ``--table`` prints, for each model, budget and method (GRASS, LoRA r=128, FFT; effective batch 4 x 1024), the
 configuration ``grass-llm memory --budget`` chooses, its estimated whole-run peak and the speed model's
@@ -17,8 +18,9 @@ methods that probe, in the probing phase. For each it prints the estimate, ``max
 ``max_memory_reserved``, the device memory in use (``mem_get_info``: what an out-of-memory error is about),
 the budget, and PASS when allocated + the plan's margin and the memory in use both fit the budget; and the
 measured tokens/s beside the speed model's. ``grass.offload=off`` grows over a run to every layer's state,
-which a few steps do not show (the check says so). ``--dry-run`` runs the same path on the tiny model on the
-CPU (no memory figures).
+which a few steps do not show (the check says so). ``--compare N`` also times the N configurations that come
+next in the speed model's order (training phase; on a GPU larger than the budget they all run), to test the
+order. ``--dry-run`` runs the same path on the tiny model on the CPU (no memory figures).
 """
 
 from __future__ import annotations
@@ -80,12 +82,14 @@ def table(models: dict[str, Any], budgets=TABLE_BUDGETS, methods=TABLE_METHODS, 
 
 # ---------------------------------------------------------------------------------------------
 # the check on a device
-def _measure(config, p: FitPlan, phase: str, device: torch.device, steps: int) -> dict[str, Any]:
-    """Run ``steps`` optimizer steps of the chosen settings in ``phase``; memory and tokens/s."""
+def _measure(
+    config, p: FitPlan, phase: str, device: torch.device, steps: int, settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run ``steps`` optimizer steps of the chosen settings (or ``settings``) in ``phase``; memory, tokens/s."""
     from grass_llm.loss import causal_lm_loss
     from grass_llm.memory.estimate import training_step
 
-    s = p.settings
+    s = p.settings if settings is None else settings
     m, a = s["batch_size"], s["grad_accum"]
     overrides = {"grass.offload": s["grass.offload"]} if "grass.offload" in s else {}
     cuda = device.type == "cuda"
@@ -135,11 +139,13 @@ def _measure(config, p: FitPlan, phase: str, device: torch.device, steps: int) -
     }
     if cuda:
         free, total = torch.cuda.mem_get_info(device)
+        outside = int(total - free - torch.cuda.memory_reserved(device))  # context, kernels (the GPU is ours)
+        reserved = int(torch.cuda.max_memory_reserved(device))
         out.update(
             allocated=int(torch.cuda.max_memory_allocated(device)),
-            reserved=int(torch.cuda.max_memory_reserved(device)),
-            in_use=int(total - free),  # this process's reserved blocks + its context (the GPU is not shared)
-            outside_allocator=int(total - free - torch.cuda.memory_reserved(device)),
+            reserved=reserved,
+            in_use=reserved + outside,  # the most this process held on the device: what an OOM is about
+            outside_allocator=outside,
         )
     del step
     gc.collect()
@@ -198,6 +204,30 @@ def check(args: argparse.Namespace) -> int:
         )
     report = "\n".join(lines)
     print(report)
+    compared = []
+    if args.compare:
+        # the model's order tested: the next fastest configurations (train phase, worst-case layers), whatever
+        # their memory (a GPU larger than the budget runs them all)
+        others = [e for e in p.candidates if e is not c][: args.compare]
+        lines = [
+            "| configuration | model tokens/s | measured tokens/s | max_memory_allocated |",
+            "|---|---|---|---|",
+        ]
+        for e in [c, *others]:
+            r = (
+                rows[0]
+                if e is c
+                else _measure(
+                    config, p, "train", device, 1 if args.dry_run else args.steps, e.candidate.settings
+                )
+            )
+            compared.append({"settings": e.candidate.settings, "model_tokens_per_s": e.tokens_per_s, **r})
+            mem = format_size(r["allocated"]) if "allocated" in r else "n/a"
+            lines.append(
+                f"| {e.candidate.describe()} | {e.tokens_per_s:,.0f} | {r['tokens_per_s']:,.0f} | {mem} |"
+            )
+        print("\n".join(lines))
+        report += "\n\n" + "\n".join(lines)
     if c.candidate.residency == "off":
         print(
             "note: grass.offload=off grows over a run to every trained layer's state; the estimate includes it, "
@@ -215,6 +245,7 @@ def check(args: argparse.Namespace) -> int:
             "hardware": hardware(device),
             "plan": p.to_dict(),
             "measured": rows,
+            "compared": compared,
             "pass": ok,
         }
         (out / "fit_check.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -248,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=3, help="optimizer steps per phase (the first is a warm-up)"
     )
     parser.add_argument("--dry-run", action="store_true", help="the tiny model on the CPU (no GPU needed)")
+    parser.add_argument(
+        "--compare",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time the N next configurations of the speed model's order (training phase, memory not "
+        "checked against the budget): tests the order",
+    )
     parser.add_argument(
         "--out", default=None, help="write fit_check.md / .json (or fit_table.md / .json) here"
     )

@@ -413,11 +413,13 @@ def test_fit_check_dry_run_runs_the_plan_with_accumulation(tmp_path, capsys, mon
     """The GPU check's path on the CPU: plan the tiny model, run both phases, write the report; and run a plan
     with gradient accumulation (forward/backward per micro-batch, then the step) the way the check does."""
     mod = _fit_check()
-    assert mod.main(["--dry-run", "--budget", "24GiB", "--seq-len", "32", "--out", str(tmp_path)]) == 0
+    argv = ["--dry-run", "--budget", "24GiB", "--seq-len", "32", "--compare", "1", "--out", str(tmp_path)]
+    assert mod.main(argv) == 0
     out = capsys.readouterr().out
     assert "| train |" in out and "| probe |" in out and "PASS: dry run" in out
     data = json.loads((tmp_path / "fit_check.json").read_text())
     assert data["plan"]["fits"] and [r["phase"] for r in data["measured"]] == ["train", "probe"]
+    assert [c["settings"] for c in data["compared"]] == [e["settings"] for e in data["plan"]["candidates"][:2]]
     accumulating = F.plan(TINY, "24GiB", "grass", batch_size=4, seq_len=32, micro_batches=[2])
     assert accumulating.settings["grad_accum"] == 2
     calls = []

@@ -28,8 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "eval": ("grass_llm.evaluate", "evaluate a model on LLM-Adapters arithmetic / commonsense benchmarks"),
     "memory": (
-        "grass_llm.memory.estimate",
-        "estimate peak device memory of one training step, without a GPU",
+        "grass_llm.memory.fit",
+        "estimate peak device memory of a training step without a GPU; --budget: the fastest settings that fit",
     ),
     "plot": ("grass_llm.plots", "draw layer-activity, MGN, probability and loss plots for a run directory"),
 }

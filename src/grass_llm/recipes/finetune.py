@@ -145,6 +145,10 @@ def train(
     nothing can be saved yet (setup) or on a second signal.
     """
     t_start = time.perf_counter()
+    if cfg.memory_budget is not None:  # the fastest settings that fit, chosen before anything is written
+        from grass_llm.memory.fit import apply_memory_budget
+
+        cfg = apply_memory_budget(cfg, resolve_device(cfg))
     data_file = check_inputs(cfg)
     launch, device = from_env(resolve_device(cfg))  # torchrun / accelerate: one process per device
     threads_before = torch.get_num_threads()

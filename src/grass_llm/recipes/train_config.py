@@ -251,6 +251,17 @@ class TrainConfig:
             "same loss as the model's own). false: the model's own loss."
         ),
     )
+    memory_budget: str | float | None = field(
+        default=None,
+        metadata=_help(
+            "Device memory to fit, e.g. 24GiB, 24GB or a number of GiB: before anything is built, the fastest "
+            "batch_size x grad_accum (keeping their product), activation_checkpointing and grass.offload whose "
+            "estimated whole-run peak + margin fits are chosen, printed and recorded in the run's config "
+            "(grass_llm.memory.fit, docs/fit.md); nothing fits: exit code 2, nothing written. Planned for a "
+            "CUDA device (on CPU the same settings are applied); a resumed run keeps its checkpoint's. "
+            "null: off."
+        ),
+    )
     seed: int = field(default=0, metadata=_help("Seed of the model init, data order, dropout and sampling."))
     device: str = field(default="auto", metadata=_help("auto (cuda if available), cpu, cuda, cuda:N."))
     out_dir: str | None = field(
@@ -391,6 +402,13 @@ class TrainConfig:
         check_int("eval_heldout", self.eval_heldout, 0)
         if self.threads is not None:
             check_int("threads", self.threads, 1)
+        if self.memory_budget is not None:
+            from grass_llm.memory.budget import BudgetError, parse_budget
+
+            try:
+                parse_budget("memory_budget", self.memory_budget)
+            except BudgetError as e:
+                raise TrainConfigError(str(e)) from None
 
         check_int("seed", self.seed, 0)
         if self.max_steps is not None:

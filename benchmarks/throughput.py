@@ -192,10 +192,17 @@ def build_overhead_runners(args, base, batches, device) -> tuple[list[Runner], d
     tracker.end_period = timed(end_period, False)
 
     # MGN off, this copy only: the hooks read no norm and nothing is observed (the per-step
-    # non-finite check stays: it is not part of the MGN)
+    # non-finite check stays: it is not part of the MGN). The hook still marks the backward pass, which
+    # step() requires (without one it skips the step: a no-op that would look like a fast step).
     model_b, opt_b = grass_copy(0)
     opt_b.importance_tracker.observe = lambda sumsq, layers: None
-    opt_b._on_grad = lambda p: None
+    probe_b = opt_b.probe
+
+    def no_norm(p) -> None:
+        if not probe_b.in_backward:
+            probe_b._on_backward_start()  # (private: the one part of the hook this variant keeps)
+
+    opt_b._on_grad = no_norm
 
     model_p, opt_p = grass_copy(10**9)  # probing for ever
     runners = [

@@ -380,9 +380,9 @@ def render(res: dict[str, Any]) -> str:
         ]
     if not on_gpu:
         lines += [
-            "**No GPU was available for this run.** These are CPU numbers for a small Llama-shaped model, not the",
-            "paper's GPU setting; we have no GPU measurements. Offloading on CPU copies host buffers to host",
-            "buffers (no PCIe transfer), and copy/compute overlap needs CUDA streams: n/a on CPU.",
+            "**This run is on the CPU.** These are CPU numbers for a small Llama-shaped model, not the paper's GPU",
+            "setting (`benchmarks/gpu_check.py` times the paper's shapes on a GPU). Offloading on CPU copies host",
+            "buffers to host buffers (no PCIe transfer), and copy/compute overlap needs CUDA streams: n/a on CPU.",
             "",
         ]
     lines += [

@@ -144,6 +144,10 @@ class LiveBytesTracker(TorchDispatchMode):
     :meth:`label_modules`), ``node`` the autograd node running, ``op`` the aten op; ops outside any
     module carry the innermost calling line outside torch instead of a module. Tensors given to
     :meth:`track` with ``names`` carry their names (``weight model.layers.0.mlp.up_proj.weight``).
+
+    ``cublas_workspace`` / ``cublaslt_workspace``: the bytes of one cuBLAS / cuBLASLt workspace, added at the
+    first matmul of the forward and of the backward thread (see the module docstring); 0 (the default, a
+    CPU) adds none. Wrap ``backward()`` in :meth:`backward_of` to count gradient sums as plain autograd does.
     """
 
     def __init__(
@@ -168,7 +172,6 @@ class LiveBytesTracker(TorchDispatchMode):
         self.cublaslt_workspace = cublaslt_workspace
         #: the workspaces made so far: ("cuBLAS" | "cuBLASLt", "forward" | "backward")
         self.workspaces: list[tuple[str, str]] = []
-        self._workspace_entries: list[_Entry] = []  # (kept: they are never freed)
         self._applied: Any = None  # the autograd node whose outputs are being summed into input buffers
         #: origins=True: every storage counted, in order (``ptr``, ``nbytes``, ``origin``, final ``category``)
         self.allocations: list[_Entry] = []
@@ -385,10 +388,9 @@ class LiveBytesTracker(TorchDispatchMode):
             return
         self.workspaces.append((library, thread))
         entry = _Entry(-(-nbytes // self.round_to) * self.round_to, "workspaces", f"{library} workspace ({thread})")
-        self._workspace_entries.append(entry)
         if self.origins:
             self.allocations.append(entry)
-        self._live[id(entry)] = entry
+        self._live[id(entry)] = entry  # (never freed: no storage, no weak reference)
         self._count(entry.nbytes)
 
     def _accumulation(self, func, args, kwargs, out) -> tuple[_Entry, _Entry] | None:

@@ -7,7 +7,7 @@
 #   OUT=/path COMMIT=abc1234 PYTHONPATH=src:benchmarks bash benchmarks/gpu_all.sh    # on the GPU (~6 minutes)
 #   OUT=/tmp/x PYTHONPATH=src:benchmarks bash benchmarks/gpu_all.sh --dry-run       # CPU, tiny model: checks it
 #
-# BUDGET_S (default 370): the whole command's wall-clock limit; TESTS_S (default 75): the CUDA tests' share;
+# BUDGET_S (default 360): the whole command's wall-clock limit; TESTS_S (default 75): the CUDA tests' share;
 # RESERVE_S (default 170): seconds of gpu_check kept for the throughput rows; COMMIT names the tree's commit
 # (a copy without .git cannot); GPU_CHECK_ARGS: more gpu_check.py arguments. A stage that runs out of time is
 # stopped and the next one starts; gpu_check rewrites its report after every row, so whatever ran is reported.
@@ -22,7 +22,7 @@ LOG="$OUT/gpu_all.log"
 P="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH="${PYTHONPATH:-src:benchmarks}"
-BUDGET="${BUDGET_S:-370}"
+BUDGET="${BUDGET_S:-360}"
 TESTS="${TESTS_S:-75}"
 RESERVE="${RESERVE_S:-170}"
 T0=$(date +%s)

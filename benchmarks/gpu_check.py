@@ -266,7 +266,8 @@ def check_memory(
     log=print,
 ) -> list[dict[str, Any]]:
     """Every spec, each in a fresh process, as many at once as fit ``capacity_gib`` (by EXPECTED_GIB plus
-    1.5 GiB of CUDA context each) and ``parallel``; a row that ran out of memory runs again alone."""
+    1.5 GiB of CUDA context each; 90% of the GPU) and ``parallel``; a row that ran out of memory runs again
+    alone."""
     def key(spec: dict[str, Any]) -> tuple[str, str]:
         return spec["model"], spec["label"]
 
@@ -728,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         default=170,
         help="with --budget-s: seconds kept for the throughput rows (the memory rows stop earlier; default 170)",
     )
-    p.add_argument("--parallel", type=int, default=6, help="memory rows at once at most (default 6)")
+    p.add_argument("--parallel", type=int, default=8, help="memory rows at once at most (default 8)")
     p.add_argument(
         "--probe-steps",
         type=int,
@@ -822,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             capacity, parallel = 4.0, min(args.parallel, 2)
         else:
-            capacity, parallel = 0.85 * torch.cuda.mem_get_info(device)[1] / 2**30, args.parallel
+            capacity, parallel = 0.9 * torch.cuda.mem_get_info(device)[1] / 2**30, args.parallel
         reserve = 0 if args.skip_throughput else args.throughput_reserve_s
         res["memory"] = []
         check_memory(specs, budget.until(reserve), capacity, parallel, on_row=save("memory"))

@@ -695,8 +695,7 @@ def whole_run(train: MemoryEstimate, probe: MemoryEstimate | None = None) -> Mem
     run.extra.update(whole_run_from=top.phase, steps=steps)
     if top is trained and train.other_layers_states:
         run.extra["other_layers_states_added"] = train.other_layers_states
-    if probe is not None:
-        run.extra.pop("peak_storages", None)
+        run.extra.pop("peak_storages", None)  # (those of the training step alone)
     return run
 
 

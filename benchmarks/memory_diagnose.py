@@ -599,11 +599,14 @@ def record_step(step, args, dev: torch.device, index: int, tracker, names: dict[
 
 def run_estimate(cfg, method: str, kw: dict[str, Any], args, res: dict[str, Any]) -> None:
     from grass_llm.memory import estimate_memory
+    from grass_llm.memory.estimate import cuda_gpu
 
     t0 = time.time()
     ekw = dict(kw)
-    if args.dry_run:  # the CPU step has no host/device split and no foreach/fused kernels
-        ekw["optimizer_impl"] = "for-loop"
+    if args.dry_run:  # the CPU step has no host/device split, no foreach/fused kernels, no cuBLAS workspace
+        ekw.update(optimizer_impl="for-loop", gpu=None)
+    else:
+        ekw["gpu"] = cuda_gpu()
     est = estimate_memory(cfg, method, steps=args.steps, peak_detail=True, **ekw)
     storages = est.extra.pop("peak_storages")
     items = [dict(d, mib=mib(d["bytes"]), group=group_key(d["origin"], d["category"])) for d in storages]

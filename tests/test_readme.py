@@ -132,11 +132,15 @@ def test_readme_command_line_block_runs(tmp_path, eval_data):
     proc = _cli([*args, "--seq-len", "64", "--json", str(tmp_path / "mem.json")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     estimates = json.loads((tmp_path / "mem.json").read_text())
-    # the training step of each method, and GRASS's probing step (--phase both, the default)
+    # each method's whole run, then the steps it comes from: the training step, and GRASS's probing step
+    # (--phase both, the default)
     assert [(e["method"], e["phase"]) for e in estimates] == [
+        ("grass", "run"),
         ("grass", "train"),
         ("grass", "probe"),
+        ("lora", "run"),
         ("lora", "train"),
+        ("fft", "run"),
         ("fft", "train"),
     ] and all(e["peak"] > 0 for e in estimates)
     # 6: plots of the run

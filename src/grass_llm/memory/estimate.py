@@ -12,11 +12,22 @@ and dtypes, no data), builds the method with ``grass_llm.recipes.methods.build_m
 so host-side buffers are left out by the same placement that keeps them in host memory on CUDA. Each
 storage is rounded up to 512 bytes, the granularity of the CUDA caching allocator, so the peak is
 comparable with ``torch.cuda.max_memory_allocated`` (which, like this estimate, leaves out the CUDA
-context and the allocator's cached-but-free blocks).
+context and the allocator's cached-but-free blocks). Two things a CUDA run holds beyond the ops' outputs
+are modelled by the tracker: PyTorch's cuBLAS workspaces (one per thread that runs matmuls, forward and
+autograd's backward thread: 2 x 32 MiB on a Hopper GPU, the default ``gpu="hopper"``; ``CUBLAS_WORKSPACE_CONFIG``
+sizes them when set), and autograd summing two gradients of one tensor in place (a tied embedding and
+head), which it does out of place under any dispatch mode. Checked against an H200 on 2026-12-04: Gemma-2B
+FFT, LoRA r=128, LISA and GRASS + frozen-block checkpointing, and the 512-wide test model's FFT and GRASS,
+within 0.6% of ``max_memory_allocated`` (``tests/test_memory.py`` pins those measurements).
+
+A run of a layer-wise method has two kinds of step: probing steps (backward through every layer) and
+training steps. ``phase="run"`` is the whole run's peak: the larger of the two, and with ``offload=off``
+the training step plus the AdamW states of every trainable layer, which such a run keeps on the device
+once it has trained them (:func:`whole_run`). ``grass-llm memory`` reports it first.
 
 The settings are ``grass-llm train``'s (``TrainConfig`` keys, ``overrides``) with the device taken to be
-CUDA: weights in ``dtype`` (bf16 by default), offload on (``grass.offload: auto``), hence fp32 master
-weights in host memory (``grass.fp32_master_weights: auto``), the chunked loss, no activation
+CUDA: weights in ``dtype`` (bf16 by default), offload on (``grass.offload: auto``: the active layers'
+states kept on the device for a period, every state in host memory), the chunked loss, no activation
 checkpointing unless asked. Two things are set for the measurement: GRASS-style methods run their
 training phase (``grass.probe_steps: 0``) with the WORST-case active layers, ``0 .. gamma-1``
 (activations are saved from the lowest active layer upward), forced with
@@ -46,10 +57,18 @@ from typing import Any
 
 import torch
 
-from grass_llm.memory.tracker import ALLOCATOR_ROUND, CATEGORIES, LiveBytesTracker
+from grass_llm.memory.tracker import (
+    ALLOCATOR_ROUND,
+    CATEGORIES,
+    GPUS,
+    LiveBytesTracker,
+    cublas_workspace_bytes,
+    cublaslt_workspace_bytes,
+)
 
 __all__ = [
     "CATEGORIES",
+    "GPUS",
     "OPTIMIZER_IMPLS",
     "PHASES",
     "MemoryEstimate",
@@ -57,26 +76,33 @@ __all__ = [
     "TrainingStep",
     "add_cli_arguments",
     "cli_main",
+    "cuda_gpu",
     "estimate_memory",
     "format_table",
     "load_config",
     "measure_cuda_step",
     "methods",
     "training_step",
+    "whole_run",
 ]
 
 #: How torch.optim's AdamW allocates its temporaries: ``auto`` (what ``grass-llm train`` builds on CUDA: the
 #: fused kernel, no temporaries), ``fused``, ``foreach`` (one temporary per parameter of a group at once),
 #: ``for-loop`` (one parameter at a time). GrassOptimizer's update runs on bounded pieces either way.
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for-loop")
-#: What is estimated: a training step, or a probing step (backward through every layer, no update).
-PHASES = ("train", "probe")
+#: What is estimated: a training step, a probing step (backward through every layer, no update), or a whole
+#: run (the larger of the two, with what a run keeps on the device beyond one step: :func:`whole_run`).
+PHASES = ("train", "probe", "run")
+#: Probing steps a measured whole run (``measure_cuda_step(phase="run")``) runs before its training steps
+RUN_PROBE_STEPS = 2
 _CATEGORY_LABELS = {
     "weights": "weights",
     "gradients": "gradients",
     "optimizer_states": "optimizer states",
     "activations": "activations + temporaries",
+    "workspaces": "cuBLAS workspaces",
 }
+_STEP_LABELS = {"train": "training step", "probe": "probing step", "run": "whole run"}
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -266,17 +292,30 @@ class MemoryEstimate:
     gradients: int = 0
     optimizer_states: int = 0
     activations: int = 0
+    workspaces: int = 0  # cuBLAS / cuBLASLt workspaces (CUDA: one per thread that runs matmuls)
     peak: int = 0
     fake: bool = True
     measured_peak: int | None = None  # torch.cuda.max_memory_allocated, when measured
     world_size: int = 1  # > 1: one rank of an FSDP2 run
-    phase: str = "train"
+    phase: str = "train"  # train, probe, or run (the whole run: whole_run())
     settings: dict[str, Any] = field(default_factory=dict)  # the TrainConfig keys given (overrides)
+    #: the GPU the estimate stands for (sizes the cuBLAS workspaces): hopper, other, or None (a CPU)
+    gpu: str | None = "hopper"
+    #: a training step with offload=off and on_reactivation=keep: the device bytes of the AdamW states of the
+    #: trainable layers this step does not train, which a run keeps once it has trained them (whole_run adds
+    #: them); 0 where the states live in host memory
+    other_layers_states: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        """Short method label: ``GRASS γ=2``, ``LoRA r=128``, ``FFT``."""
+        """Short label of the method and what the peak is of: ``GRASS γ=2``, ``GRASS γ=2, probing``,
+        ``GRASS γ=2, whole run``, ``LoRA r=128``, ``FFT``."""
+        return self.method_label + {"train": "", "probe": ", probing", "run": ", whole run"}[self.phase]
+
+    @property
+    def method_label(self) -> str:
+        """Short method label: ``GRASS γ=2``, ``LoRA r=128``, ``FFT`` (with FSDP2, the world size)."""
         names = {"grass": "GRASS", "grass-static": "GRASS*", "lisa": "LISA", "badam": "BAdam"}
         if self.method in names:
             label = f"{names[self.method]} γ={self.active_layers}"
@@ -286,7 +325,12 @@ class MemoryEstimate:
             label = self.method.upper()
         if self.world_size > 1:
             label += f", FSDP2 x{self.world_size} (per rank)"
-        return label + (", probing" if self.phase == "probe" else "")
+        return label
+
+    @property
+    def step(self) -> str:
+        """What the peak is of: ``training step``, ``probing step``, or ``whole run``."""
+        return _STEP_LABELS[self.phase]
 
     def breakdown(self) -> dict[str, int]:
         """Bytes per category at the peak (they sum to ``peak``)."""
@@ -295,6 +339,7 @@ class MemoryEstimate:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["label"] = self.label
+        d["method_label"] = self.method_label
         d["peak_gib"] = self.peak / 2**30
         d["peak_gb"] = self.peak / 1e9
         return d
@@ -331,7 +376,9 @@ class TrainingStep:
 
     ``run(B, T)`` is one optimizer step of ``FinetuneRecipe.train_step`` on a batch of B unpadded random
     rows of T tokens. Built by :func:`training_step` on a real device, or by :func:`estimate_memory` on
-    fake tensors. ``model`` and ``opt`` are what ``build_method`` returned.
+    fake tensors. ``model`` and ``opt`` are what ``build_method`` returned. ``active``: the decoder layers a
+    layer-wise method trains, forced with ``GrassOptimizer.activate`` from its first training step on (after
+    probing, when it probes); ``None`` keeps the method's own draws.
     """
 
     def __init__(
@@ -369,8 +416,18 @@ class TrainingStep:
             off.host_device = torch.device("meta")  # host buffers out of the count (the model is on fake CPU)
         with fake:
             self.loss_fn = chunked_loss_for(self.model) if cfg.chunked_loss else None
-        if self.method.layer_wise and not self.opt.probing:
-            self.opt.activate(active)
+        self.active = list(active) if active is not None and self.method.layer_wise else None
+        if self.active is not None and not self.opt.probing:
+            self.opt.activate(self.active)
+        if fake_mode is not None and off is not None:
+            # The states kept on the device (residency per period) were made outside the fake mode, as real
+            # meta tensors, which the fake mode would convert into new storages at their first use and the
+            # tracker count twice. Made again inside it: written back, and copied in at their acquire (R4).
+            with fake:
+                off.free_device_buffers()
+                for uid in off.kept_units():
+                    off.acquire(uid)
+                    off.release(uid)
         # the AdamW implementation: what grass-llm train gets on the device the run stands for (CUDA for
         # fake runs: fused for torch.optim, foreach pieces for GrassOptimizer; a real CPU: neither)
         cuda = device.type != "cpu" or mesh is not None
@@ -396,7 +453,7 @@ class TrainingStep:
             n_items = torch.tensor(max(batch_size * (seq_len - 1), 1), device=dev)
             batch = {"input_ids": ids, "labels": ids}
             loss = causal_lm_loss(self.model, batch, self.loss_fn, n_items, cfg.compact_activations)
-        with section("backward"):
+        with section("backward"), tracker.backward_of(loss) if tracker is not None else contextlib.nullcontext():
             loss.backward()
         del loss, ids
         if not self.method.layer_wise and cfg.max_grad_norm is not None:
@@ -404,8 +461,11 @@ class TrainingStep:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
                 )
+        was_probing = self.method.layer_wise and self.opt.probing
         with section("optimizer"):
             self.opt.step()
+            if was_probing and not self.opt.probing and self.active is not None:
+                self.opt.activate(self.active)  # probing is over: the layers asked for train from now on
         with section("zero_grad"):
             self.opt.zero_grad(set_to_none=True)
         if tracker is not None:  # what outlives the step is optimizer state (the rest: temporaries)
@@ -438,6 +498,7 @@ def estimate_memory(
     world_size: int = 1,
     phase: str = "train",
     peak_detail: bool = False,
+    gpu: str | None = "hopper",
 ) -> MemoryEstimate:
     """Estimate the peak device memory of a training step of ``model`` with ``method``.
 
@@ -457,16 +518,23 @@ def estimate_memory(
         overrides: more ``grass-llm train`` keys, dotted (``{"grass.offload": False, "lora.dtype": "fp32"}``).
         steps: training steps run (>= 2: the first step creates the optimizer states).
         fake: fake tensors on ``meta`` standing for a CUDA device (no memory, any size); ``False`` runs
-            real CPU tensors (small models only; used to validate the fake run).
+            real CPU tensors (small models only; used to validate the fake run; no cuBLAS workspaces).
         round_to: storages are rounded up to this many bytes (CUDA caching allocator: 512).
         world_size: > 1: the peak of one of ``world_size`` ranks running FSDP2
             (``distributed.strategy: fsdp2``: every decoder block and the root ``fully_shard``-ed, GRASS on
             ``FSDP2Backend``, offload on as on CUDA), with a fake process group; the model is on fake
             CPU tensors (FSDP2 refuses meta ones) and the offloader's host buffers on meta, out of the count.
-        phase: ``train`` (a training step) or ``probe`` (a probing step of the methods that probe:
-            backward through every layer, each gradient freed as soon as its norm is read).
+        phase: ``train`` (a training step), ``probe`` (a probing step of the methods that probe:
+            backward through every layer, each gradient freed as soon as its norm is read), or ``run``
+            (the whole run's peak, :func:`whole_run` of the two; the training step alone for methods that
+            do not probe).
         peak_detail: also list every storage live at the peak, labelled with what made it
             (``extra["peak_storages"]``: ``LiveBytesTracker.peak_storages`` with ``origins=True``; slower).
+        gpu: the GPU the fake run stands for, which sizes PyTorch's cuBLAS workspaces (one per thread
+            running matmuls: forward, and autograd's backward thread): ``hopper`` (H100 / H200, the default:
+            32 MiB each), ``other`` (any other NVIDIA GPU: 8 MiB + 128 KiB each), or ``None`` (none counted);
+            ``CUBLAS_WORKSPACE_CONFIG``, when set, sizes them as it does for PyTorch. Ignored with
+            ``fake=False`` (a CPU has none).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -478,10 +546,34 @@ def estimate_memory(
     _check_int("steps", steps, 1)
     _check_int("world_size", world_size, 1)
     _check_choice("phase", phase, PHASES)
+    if gpu is not None:
+        _check_choice("gpu", gpu, GPUS)
     if world_size > 1 and not fake:
         raise MemoryEstimateError(
             "world_size > 1 needs fake=True (a fake process group stands for the ranks)"
         )
+    if phase == "run":
+        kw = dict(
+            active_layers=active_layers,
+            active_layer_ids=active_layer_ids,
+            rank=rank,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            dtype=dtype,
+            activation_checkpointing=activation_checkpointing,
+            chunked_loss=chunked_loss,
+            optimizer_impl=optimizer_impl,
+            overrides=overrides,
+            steps=steps,
+            fake=fake,
+            round_to=round_to,
+            world_size=world_size,
+            peak_detail=peak_detail,
+            gpu=gpu,
+        )
+        train = estimate_memory(model, method, phase="train", **kw)
+        probe = estimate_memory(model, method, phase="probe", **kw) if _probes_cfg(train) else None
+        return whole_run(train, probe)
     from grass_llm.recipes.methods import get_method
 
     layer_wise = get_method(method).layer_wise
@@ -511,13 +603,20 @@ def estimate_memory(
     num_layers = getattr(config, "num_hidden_layers", None)
     active_layers = cfg.grass.active_layers if layer_wise else None
     active_layer_ids = _active_ids(active_layer_ids, active_layers, num_layers) if layer_wise else None
+    gpu = gpu if fake else None
 
     device = torch.device("meta" if fake and world_size == 1 else "cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     with _fake_mode_patches(mode, device.type), _fake_process_group(world_size) as mesh:
         step = TrainingStep(config, cfg, device, mode, active_layer_ids, optimizer_impl, mesh)
         net = step.model
-        tracker = LiveBytesTracker(round_to=round_to, device=device, origins=peak_detail)
+        tracker = LiveBytesTracker(
+            round_to=round_to,
+            device=device,
+            origins=peak_detail,
+            cublas_workspace=cublas_workspace_bytes(gpu) if gpu else 0,
+            cublaslt_workspace=cublaslt_workspace_bytes(gpu) if gpu else 0,
+        )
         named = [*net.named_parameters(), *net.named_buffers()]
         tracker.track([_local(t) for _, t in named], "weights", names=[n for n, _ in named])
         # states already on the device before the first step (residency per period: the active layers')
@@ -536,8 +635,10 @@ def estimate_memory(
             else sum(p.numel() for g in step.opt.param_groups for p in g["params"])
         )
         extra = _extras(step)
+        extra["workspaces"] = [f"{lib} ({thread} thread)" for lib, thread in tracker.workspaces]
         if peak_detail:
             extra["peak_storages"] = tracker.peak_storages()
+        others = _other_layers_states(step, device, round_to) if phase == "train" else 0
 
     return MemoryEstimate(
         model=name,
@@ -559,9 +660,75 @@ def estimate_memory(
         world_size=world_size,
         phase=phase,
         settings=dict(overrides or {}),
+        gpu=gpu,
+        other_layers_states=others,
         extra=extra,
         **breakdown,
     )
+
+
+def _probes_cfg(est: MemoryEstimate) -> bool:
+    """Whether the method of ``est`` probes with its settings."""
+    from grass_llm.recipes.methods import get_method
+
+    return get_method(est.method).layer_wise and _probes(est.method, est.settings)
+
+
+def whole_run(train: MemoryEstimate, probe: MemoryEstimate | None = None) -> MemoryEstimate:
+    """The whole run's peak from its training step's estimate and, for a method that probes, its probing
+    step's: the larger of the two. A training step with ``other_layers_states`` (``offload=off``, whose run
+    keeps the AdamW states of every layer it has trained on the device) counts them in its optimizer
+    states: the whole run is the worst layers training with every other trainable layer's states held.
+    The breakdown is that of the step that sets the peak (``extra["whole_run_from"]``); ``extra["steps"]``
+    holds both steps' own peaks (``extra["other_layers_states_added"]``: the bytes added to the training step's)."""
+    if train.phase != "train" or (probe is not None and probe.phase != "probe"):
+        raise MemoryEstimateError("whole_run takes a training step's estimate and a probing step's (or None)")
+    trained = dataclasses.replace(
+        train,
+        optimizer_states=train.optimizer_states + train.other_layers_states,
+        peak=train.peak + train.other_layers_states,
+        extra=dict(train.extra),
+    )
+    top = probe if probe is not None and probe.peak > trained.peak else trained
+    steps = {"train": train.peak} | ({"probe": probe.peak} if probe is not None else {})
+    run = dataclasses.replace(top, phase="run", measured_peak=None, extra=dict(top.extra))
+    run.extra.update(whole_run_from=top.phase, steps=steps)
+    if top is trained and train.other_layers_states:
+        run.extra["other_layers_states_added"] = train.other_layers_states
+        run.extra.pop("peak_storages", None)  # (those of the training step alone)
+    return run
+
+
+def _other_layers_states(step: TrainingStep, device: torch.device, round_to: int) -> int:
+    """Device bytes of the AdamW states of the trainable decoder layers ``step`` does not train, with
+    ``offload=off`` and ``on_reactivation=keep`` (torch.optim's ``state``, kept once made): each parameter's
+    state tensors as those of a trained parameter of its dtype. 0 for any other setting."""
+    opt = step.opt
+    if not step.method.layer_wise or opt.residency != "off" or opt.config.on_reactivation != "keep":
+        return 0
+
+    def rounded(nbytes: int) -> int:
+        return -(-nbytes // round_to) * round_to
+
+    layouts: dict[torch.dtype, list[tuple[int, bool, int]]] = {}  # dtype -> (elem size, param-shaped, bytes)
+    for p in opt.trainable_parameters():
+        st = opt.state.get(p, {})
+        states = [t for k, t in st.items() if k != "step" and torch.is_tensor(t) and t.device.type == device.type]
+        if states:
+            n = _local(p).numel()
+            layouts.setdefault(p.dtype, [(t.element_size(), t.numel() == n, t.nbytes) for t in states])
+    if not layouts:
+        return 0
+    active = set(opt.active_layers)
+    total = 0
+    for group in opt.param_groups:
+        if group.get("layer") is None or group["layer"] in active:
+            continue
+        for p in opt.units.trainable_of(group["params"]):
+            n = _local(p).numel()
+            layout = layouts.get(p.dtype) or next(iter(layouts.values()))
+            total += sum(rounded(n * size) if shaped else rounded(nbytes) for size, shaped, nbytes in layout)
+    return total
 
 
 def tag_gradients(model: torch.nn.Module, tracker: LiveBytesTracker) -> list:
@@ -679,36 +846,51 @@ def format_table(
     paper: dict[str, float] | None = None,
     unit: str = "GiB",
 ) -> str:
-    """A Markdown table of ``estimates``: the peak and its breakdown in ``unit`` (``GiB`` or ``GB``).
+    """A Markdown table of ``estimates``: per row the model, the method, what the peak is of (the whole run,
+    a training step or a probing step), the breakdown of the peak and the peak in ``unit`` (``GiB`` or
+    ``GB``). Whole-run peaks are bold when the table has any; else every peak is.
 
-    ``paper`` maps a method label (``MemoryEstimate.label``) to a reference figure shown beside the
+    ``paper`` maps a method label (``MemoryEstimate.method_label``) to a reference figure shown beside the
     estimate.
     """
     _check_choice("unit", unit, tuple(_UNITS))
     scale = _UNITS[unit]
-    cols = ["model", "method", "B", "T", *(_CATEGORY_LABELS[c] for c in CATEGORIES), f"peak ({unit})"]
+    cols = ["model", "method", "peak of", "B", "T", *(_CATEGORY_LABELS[c] for c in CATEGORIES), f"peak ({unit})"]
     if paper is not None:
         cols.append("paper")
     measured = any(e.measured_peak is not None for e in estimates)
     if measured:
         cols.append(f"measured max_memory_allocated ({unit})")
+    bold_runs = any(e.phase == "run" for e in estimates)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for e in estimates:
+        bold = e.phase == "run" or not bold_runs
         row = [
             e.model,
-            e.label + {"none": "", "full": " +AC", "frozen": " +AC frozen"}[e.activation_checkpointing],
+            e.method_label + {"none": "", "full": " +AC", "frozen": " +AC frozen"}[e.activation_checkpointing],
+            _peak_of(e),
             str(e.batch_size),
             str(e.seq_len),
         ]
         row += [f"{getattr(e, c) / scale:.2f}" for c in CATEGORIES]
-        row.append(f"**{e.peak / scale:.2f}**")
+        row.append(f"**{e.peak / scale:.2f}**" if bold else f"{e.peak / scale:.2f}")
         if paper is not None:
-            ref = paper.get(e.label)
+            ref = paper.get(e.method_label)
             row.append("" if ref is None else f"{ref:.2f}")
         if measured:
             row.append("" if e.measured_peak is None else f"{e.measured_peak / scale:.2f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _peak_of(e: MemoryEstimate) -> str:
+    """The ``peak of`` cell: the step, or for a whole run the step that sets it."""
+    if e.phase != "run":
+        return e.step
+    source = e.extra.get("whole_run_from", "train")
+    if source == "train" and e.extra.get("other_layers_states_added"):
+        return "whole run: training step + every layer's states (offload=off)"
+    return f"whole run: {_STEP_LABELS[source]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -732,11 +914,16 @@ def training_step(
     optimizer_impl: str = "auto",
     overrides: dict[str, Any] | None = None,
     phase: str = "train",
+    force_layers: bool = True,
 ) -> TrainingStep:
     """A randomly initialised ``model`` (a config) with ``method`` on a real ``device``, built from the same
     ``TrainConfig`` as :func:`estimate_memory` (same arguments); for measurements and timings
     (``benchmarks/gpu_check.py``). ``batch_size`` / ``seq_len`` only size ``max_length``: pass them to
-    ``run`` too. ``phase="probe"``: every ``run`` is a probing step (methods that probe only)."""
+    ``run`` too. ``phase="probe"``: every ``run`` is a probing step (methods that probe only);
+    ``phase="run"``: a run of a layer-wise method as ``grass-llm train`` runs it, probing first
+    (``grass.probe_steps`` of ``overrides``, else :data:`RUN_PROBE_STEPS` steps), then training.
+    ``force_layers`` (default): the training steps train ``active_layer_ids`` (default the worst case,
+    ``0 .. gamma-1``); ``False``: the layers the method draws, as in a real run."""
     _check_choice("method", method, methods())
     _check_choice("dtype", dtype, tuple(_DTYPES))
     _check_choice("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
@@ -758,16 +945,24 @@ def training_step(
     )
     if layer_wise and phase == "probe":
         settings["grass.probe_steps"] = _PROBE_FOREVER
+    if layer_wise and phase == "run" and "grass.probe_steps" not in (overrides or {}):
+        settings["grass.probe_steps"] = RUN_PROBE_STEPS  # (a method that never probes keeps its 0)
     cfg = _train_config(_config_name(config), method, settings)
     _check_probes(cfg, method, phase)
     num_layers = getattr(config, "num_hidden_layers", None)
     active = _active_ids(active_layer_ids, cfg.grass.active_layers, num_layers) if layer_wise else None
-    return TrainingStep(config, cfg, torch.device(device), None, active, optimizer_impl)
+    return TrainingStep(config, cfg, torch.device(device), None, active if force_layers else None, optimizer_impl)
 
 
 # ---------------------------------------------------------------------------------------------
 # real measurement on a CUDA device
 # ---------------------------------------------------------------------------------------------
+
+
+def cuda_gpu(device: torch.device | str | int | None = None) -> str:
+    """The ``gpu`` of :func:`estimate_memory` that stands for a CUDA ``device``: ``hopper`` for compute
+    capability 9.0 (the GPUs on which PyTorch's cuBLAS workspaces are 32 MiB), else ``other``."""
+    return "hopper" if torch.cuda.get_device_capability(device) == (9, 0) else "other"
 
 
 def measure_cuda_step(
@@ -791,9 +986,13 @@ def measure_cuda_step(
     """Run the same training steps on a real CUDA device; return ``torch.cuda.max_memory_allocated``.
 
     The model is randomly initialised from its config (no weights are downloaded) and the method built
-    with the same ``TrainConfig`` as :func:`estimate_memory`; ``phase="probe"`` measures probing steps.
-    Garbage is collected before and after, so measurements in one process do not count each other's
-    memory (the first one in a process also allocates the cuBLAS workspaces, which stay). Raises
+    with the same ``TrainConfig`` as :func:`estimate_memory`; ``phase="probe"`` measures probing steps;
+    ``phase="run"`` a whole run in one: :data:`RUN_PROBE_STEPS` probing steps (a method that probes), then
+    ``steps`` training steps with the worst layers, the peak over all of them. (With ``offload=off`` a real
+    run also accumulates the states of the layers it trains later, which a few steps cannot show:
+    :func:`whole_run` adds them to the estimate.) Garbage is collected before and after, so measurements
+    in one process do not count each other's memory (the first one in a process also allocates the
+    cuBLAS workspaces, which stay and are counted, as the estimate counts them). Raises
     :class:`MemoryEstimateError` without CUDA.
     """
     if not torch.cuda.is_available():
@@ -825,7 +1024,8 @@ def measure_cuda_step(
     )
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    for _ in range(steps):
+    probing = step.cfg.grass.probe_steps if step.method.layer_wise and phase == "run" else 0
+    for _ in range(probing + steps):
         step.run(batch_size, seq_len)
     torch.cuda.synchronize(dev)
     peak = int(torch.cuda.max_memory_allocated(dev))
@@ -880,9 +1080,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     from grass_llm.activation_checkpointing import MODES
 
     parser.description = (
-        "Estimate the peak device memory of one training step without a GPU: the model is built from fake "
+        "Estimate the peak device memory of a training run without a GPU: the model is built from fake "
         "tensors and the method exactly as `grass-llm train` builds it on a CUDA device, and its real "
-        "optimizer steps. key=value settings are grass-llm train keys (grass.offload=false, lora.dtype=fp32, "
+        "optimizer steps. The headline is each method's whole-run peak: for GRASS the larger of its probing "
+        "and training steps (worst-case layers). Comparable with torch.cuda.max_memory_allocated: PyTorch's "
+        "cuBLAS workspaces are counted for the GPU named by --gpu (default hopper: 2 x 32 MiB); the CUDA "
+        "context is not. key=value settings are grass-llm train keys (grass.offload=off, lora.dtype=fp32, "
         "grass.fp32_master_weights=false ...)."
     )
     parser.add_argument(
@@ -933,8 +1136,19 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--phase",
         choices=(*PHASES, "both"),
         default="both",
-        help="train: a training step; probe: a probing step (backward through every layer); both (default): "
-        "the training step, and the probing step of the methods that probe",
+        help="run: the whole run's peak (a layer-wise method's probing or training step, whichever is larger; "
+        "with grass.offload=off plus every layer's states, which such a run keeps); train: a training step; "
+        "probe: a probing step (backward through every layer); both (default): the whole run first (bold), "
+        "then the training and probing steps it comes from",
+    )
+    parser.add_argument(
+        "--gpu",
+        choices=GPUS,
+        default=None,
+        help="the GPU the estimate stands for, which sizes PyTorch's cuBLAS workspaces (one per thread that "
+        "runs matmuls: forward and backward): hopper (H100/H200, sm90: 32 MiB each; the default, or with "
+        "--measure the measured GPU's kind) or other (other NVIDIA GPUs: 8.1 MiB each); "
+        "CUBLAS_WORKSPACE_CONFIG, when set, sizes them as it does for PyTorch",
     )
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the estimates as JSON here")
     parser.add_argument(
@@ -952,7 +1166,9 @@ def cli_main(args: argparse.Namespace) -> int:
         overrides = _overrides(args.overrides or [])
         if args.measure and not torch.cuda.is_available():
             raise MemoryEstimateError("--measure needs a CUDA device; torch.cuda.is_available() is False")
-        estimates = []
+        if args.measure and args.world_size > 1:
+            raise MemoryEstimateError("--measure runs one device; allowed with --world-size 1")
+        shown, rows = [], []
         for method in chosen:
             kwargs = dict(
                 active_layers=args.active_layers,
@@ -964,27 +1180,52 @@ def cli_main(args: argparse.Namespace) -> int:
                 optimizer_impl=args.optimizer_impl,
                 overrides=overrides,
             )
-            if args.measure and args.world_size > 1:
-                raise MemoryEstimateError("--measure runs one device; allowed with --world-size 1")
-            phases = [p for p in PHASES if args.phase in (p, "both")]
-            if "probe" in phases and not _probes(method, overrides):
-                phases.remove("probe")  # (a method without a probing phase has no probing row)
-            for phase in phases:  # only what the table reports is computed (and measured)
-                est = estimate_memory(args.model, method, world_size=args.world_size, phase=phase, **kwargs)
-                if args.measure:
-                    est.measured_peak = measure_cuda_step(args.model, method, phase=phase, **kwargs)
-                estimates.append(est)
-        if not estimates:
+            a, b = _method_rows(args, method, kwargs, overrides)
+            shown += a
+            rows += b
+        if not rows:
             raise MemoryEstimateError(
                 f"--phase probe: none of the methods {', '.join(chosen)} probes with these settings"
             )
     except MemoryEstimateError as err:
         print(f"grass-llm memory: error: {err}", file=sys.stderr)
         return 2
-    print(format_table(estimates, unit=args.unit))
+    print(format_table(shown, unit=args.unit))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([e.to_dict() for e in estimates], indent=2) + "\n")
+        path.write_text(json.dumps([e.to_dict() for e in rows], indent=2) + "\n")
         print(f"wrote {path}")
     return 0
+
+
+def _method_rows(args: argparse.Namespace, method: str, kwargs: dict[str, Any], overrides: dict[str, Any]):
+    """(the rows the table shows, the rows the JSON holds) of one method. Only what is reported is computed
+    (and measured): a whole run is composed from its steps' estimates, and measured as one run."""
+    probes = _probes(method, overrides)
+    gpu = args.gpu or (cuda_gpu() if args.measure else "hopper")
+    wanted = {"both": ["train", "probe", "run"], "run": ["train", "probe", "run"]}.get(args.phase, [args.phase])
+    steps: dict[str, MemoryEstimate] = {}
+    for phase in ("train", "probe"):
+        if phase in wanted and (phase == "train" or probes):
+            steps[phase] = estimate_memory(
+                args.model, method, world_size=args.world_size, phase=phase, gpu=gpu, **kwargs
+            )
+    run = whole_run(steps["train"], steps.get("probe")) if "run" in wanted else None
+    if args.measure:
+        for phase, est in steps.items():
+            if args.phase != "run":
+                est.measured_peak = measure_cuda_step(args.model, method, phase=phase, **kwargs)
+        if run is not None:
+            single = not probes and steps["train"].measured_peak is not None
+            run.measured_peak = (
+                steps["train"].measured_peak if single else measure_cuda_step(args.model, method, phase="run", **kwargs)
+            )
+    if args.phase == "run":
+        return [run], [run]
+    if args.phase != "both":
+        return list(steps.values()), list(steps.values())
+    rows = [run, *steps.values()]
+    # a method with one kind of step and nothing added: its whole run is that step (one row in the table)
+    shown = rows if probes or run.other_layers_states else [run]
+    return shown, rows

@@ -6,6 +6,24 @@ with its breakdown by category. It works with real and fake tensors alike; each 
 to the CUDA caching allocator's 512-byte granularity, so the peak compares with
 ``torch.cuda.max_memory_allocated``.
 
+Two things a CUDA run holds that are no op's output are modelled, so that the peak equals
+``torch.cuda.max_memory_allocated`` of the same steps (checked on an H200, ``tests/test_memory.py``):
+
+* **cuBLAS workspaces.** PyTorch gives every (cuBLAS handle, stream) pair that runs a matmul a workspace
+  from the caching allocator at its first matmul and keeps it (``aten/src/ATen/cuda/CublasHandlePool.cpp``).
+  Handles are per thread: the thread that runs the forward pass, and autograd's device thread that runs
+  backward, so a training step holds two. With ``cublas_workspace`` set, the first matmul of forward and
+  the first of backward each add one block of that size (category ``workspaces``), kept from then on; an
+  ``addmm`` with a 1-D bias (``F.linear`` with a bias) runs on cuBLASLt, whose own workspace
+  (``cublaslt_workspace``) is added the same way. :func:`cublas_workspace_bytes` and
+  :func:`cublaslt_workspace_bytes` size them as PyTorch does.
+* **In-place gradient accumulation.** When two gradients of one tensor meet in autograd's input buffer
+  (a tied weight used by the embedding and the head, a residual stream), plain autograd adds one into
+  the other in place; under any Python dispatch mode (this one, ``FakeTensorMode``) it allocates the sum
+  anew. Inside :meth:`~LiveBytesTracker.backward_of` such a sum borrows the bytes of its operands: it
+  counts nothing when made, and takes over the bytes of the first operand freed after it, as the buffer
+  that plain autograd added into.
+
 With ``origins=True`` each storage also keeps a label of what made it (the op, the section of the
 step, the module or autograd node), and :meth:`~LiveBytesTracker.peak_storages` lists the storages
 live at the peak: the diagnostic view that ``benchmarks/memory_diagnose.py`` compares with the CUDA
@@ -16,9 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -27,21 +46,76 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["ALLOCATOR_ROUND", "CATEGORIES", "LiveBytesTracker"]
+__all__ = [
+    "ALLOCATOR_ROUND",
+    "CATEGORIES",
+    "CUBLASLT_WORKSPACE_DEFAULT",
+    "CUBLAS_WORKSPACE_DEFAULT",
+    "GPUS",
+    "LiveBytesTracker",
+    "cublas_workspace_bytes",
+    "cublaslt_workspace_bytes",
+]
 
-#: Memory categories of the breakdown, in report order.
-CATEGORIES = ("weights", "gradients", "optimizer_states", "activations")
+#: Memory categories of the breakdown, in report order (``workspaces``: cuBLAS / cuBLASLt workspaces).
+CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "workspaces")
 ALLOCATOR_ROUND = 512  # bytes: the CUDA caching allocator rounds every block up to a multiple of this
+
+#: PyTorch's cuBLAS workspace per (handle, stream) when ``CUBLAS_WORKSPACE_CONFIG`` is not set
+#: (``CublasHandlePool.cpp``, ``parseChosenWorkspaceSize``): 32 MiB on Hopper (compute capability 9.0,
+#: H100 / H200), else ``:4096:2:16:8`` (2 x 4 MiB + 8 x 16 KiB).
+CUBLAS_WORKSPACE_DEFAULT = {"hopper": 32 * 2**20, "other": 2 * 4096 * 1024 + 8 * 16 * 1024}
+#: The GPUs the estimate can stand for: ``hopper`` (sm90) and ``other`` (every other NVIDIA GPU).
+GPUS = tuple(CUBLAS_WORKSPACE_DEFAULT)
+#: cuBLASLt's workspace per (handle, stream) without ``CUBLASLT_WORKSPACE_SIZE``: 1024 KiB.
+CUBLASLT_WORKSPACE_DEFAULT = 1024 * 1024
+
+
+def cublas_workspace_bytes(gpu: str = "hopper", env: Mapping[str, str] | None = None) -> int:
+    """Bytes of one cuBLAS workspace, as PyTorch chooses them: ``CUBLAS_WORKSPACE_CONFIG`` when set (the sum
+    of SIZE KiB x COUNT over its ``:SIZE:COUNT`` pairs; PyTorch falls back to the default when none parses),
+    else the default of ``gpu`` (:data:`CUBLAS_WORKSPACE_DEFAULT`). ``env``: default ``os.environ``."""
+    if gpu not in CUBLAS_WORKSPACE_DEFAULT:
+        raise ValueError(f"gpu={gpu!r} is invalid; allowed: {', '.join(GPUS)}")
+    value = (os.environ if env is None else env).get("CUBLAS_WORKSPACE_CONFIG")
+    pairs = re.findall(r":([0-9]+):([0-9]+)", value or "")
+    if not pairs:
+        return CUBLAS_WORKSPACE_DEFAULT[gpu]
+    return sum(int(size) * 1024 * int(count) for size, count in pairs)
+
+
+def cublaslt_workspace_bytes(gpu: str = "hopper", env: Mapping[str, str] | None = None) -> int:
+    """Bytes of one cuBLASLt workspace, as PyTorch chooses them: ``CUBLASLT_WORKSPACE_SIZE`` KiB (default
+    1024), at most the cuBLAS workspace; 0 with ``TORCH_CUBLASLT_UNIFIED_WORKSPACE=1`` (cuBLASLt then uses
+    the cuBLAS workspace of its handle and stream)."""
+    env = os.environ if env is None else env
+    if env.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE", "").strip().lower() in ("1", "true", "on", "yes"):
+        return 0
+    try:
+        size = int(env.get("CUBLASLT_WORKSPACE_SIZE", "")) * 1024
+    except ValueError:
+        size = CUBLASLT_WORKSPACE_DEFAULT
+    return min(size, cublas_workspace_bytes(gpu, env))
+
+
+#: ops that run on cuBLAS on a CUDA device (addmm with a 1-D bias: cuBLASLt)
+_BLAS_OPS = frozenset(
+    getattr(torch.ops.aten, name)
+    for name in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "addr")
+)
 
 
 class _Entry:
-    __slots__ = ("__weakref__", "category", "nbytes", "origin", "ptr")
+    __slots__ = ("__weakref__", "borrower", "category", "lenders", "nbytes", "origin", "ptr")
 
     def __init__(self, nbytes: int, category: str, origin: str | None = None, ptr: int = 0):
         self.nbytes = nbytes
         self.category = category
         self.origin = origin
         self.ptr = ptr
+        #: an in-place accumulation not settled yet: the sum's entry (on its operands) / its operands' keys
+        self.borrower: _Entry | None = None
+        self.lenders: tuple[int, ...] = ()
 
 
 _NODE_KEY = "grass_module"  # autograd node metadata: the module whose forward made the node
@@ -70,17 +144,35 @@ class LiveBytesTracker(TorchDispatchMode):
     :meth:`label_modules`), ``node`` the autograd node running, ``op`` the aten op; ops outside any
     module carry the innermost calling line outside torch instead of a module. Tensors given to
     :meth:`track` with ``names`` carry their names (``weight model.layers.0.mlp.up_proj.weight``).
+
+    ``cublas_workspace`` / ``cublaslt_workspace``: the bytes of one cuBLAS / cuBLASLt workspace, added at the
+    first matmul of the forward and of the backward thread (see the module docstring); 0 (the default, a
+    CPU) adds none. Wrap ``backward()`` in :meth:`backward_of` to count gradient sums as plain autograd does.
     """
 
     def __init__(
-        self, round_to: int = ALLOCATOR_ROUND, device: torch.device | str | None = None, origins: bool = False
+        self,
+        round_to: int = ALLOCATOR_ROUND,
+        device: torch.device | str | None = None,
+        origins: bool = False,
+        cublas_workspace: int = 0,
+        cublaslt_workspace: int = 0,
     ):
         super().__init__()
         if round_to < 1:
             raise ValueError(f"round_to={round_to!r} is invalid; allowed: an integer >= 1")
+        for name, value in (("cublas_workspace", cublas_workspace), ("cublaslt_workspace", cublaslt_workspace)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 0 (bytes)")
         self.round_to = int(round_to)
         self.device = None if device is None else torch.device(device)
         self.origins = bool(origins)
+        #: bytes of one cuBLAS / cuBLASLt workspace (0: none, as on a CPU)
+        self.cublas_workspace = cublas_workspace
+        self.cublaslt_workspace = cublaslt_workspace
+        #: the workspaces made so far: ("cuBLAS" | "cuBLASLt", "forward" | "backward")
+        self.workspaces: list[tuple[str, str]] = []
+        self._applied: Any = None  # the autograd node whose outputs are being summed into input buffers
         #: origins=True: every storage counted, in order (``ptr``, ``nbytes``, ``origin``, final ``category``)
         self.allocations: list[_Entry] = []
         self._section = ""
@@ -170,6 +262,35 @@ class LiveBytesTracker(TorchDispatchMode):
             meta[_NODE_KEY] = label
             todo.extend(n for n, _ in node.next_functions if n is not None)
 
+    @contextlib.contextmanager
+    def backward_of(self, *roots: torch.Tensor) -> Iterator[None]:
+        """Wrap ``loss.backward()`` (``roots``: the tensors backward starts from): a sum that autograd's
+        engine makes of two gradients of one tensor is counted as plain autograd makes it, in place (see the
+        module docstring). A post hook on every node of the graph marks the moment its outputs go to the
+        next nodes' input buffers, where those sums are made."""
+        nodes, todo, seen = [], [t.grad_fn for t in roots if t.grad_fn is not None], set()
+        while todo:
+            node = todo.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            nodes.append(node)
+            todo.extend(n for n, _ in node.next_functions if n is not None)
+        handles = []
+        for node in nodes:
+            if "AccumulateGrad" in node.name():  # (a leaf's gradient: no input buffer after it)
+                continue
+            handles.append(node.register_hook(partial(self._node_applied, node)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._applied = None
+
+    def _node_applied(self, node: Any, grad_inputs: Any, grad_outputs: Any) -> None:
+        self._applied = node
+
     def peak_storages(self) -> list[dict[str, Any]]:
         """The storages live at the peak, largest first: ``bytes``, ``category`` and ``origin`` (``None``
         unless ``origins`` was on when the storage was made or tracked)."""
@@ -241,13 +362,75 @@ class LiveBytesTracker(TorchDispatchMode):
     # -- dispatch -------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
         origin = None
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                if self.origins and origin is None:
-                    origin = self._origin(func)
-                self._add(t, self.category, retag=False, origin=origin)
+        backward = torch._C._current_graph_task_id() != -1
+        lenders = self._accumulation(func, args, kwargs, out) if backward and self._applied is not None else None
+        if lenders is not None:
+            self._borrow(out, lenders, self._origin(func) if self.origins else None)
+        else:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    if self.origins and origin is None:
+                        origin = self._origin(func)
+                    self._add(t, self.category, retag=False, origin=origin)
+        if func.overloadpacket in _BLAS_OPS and (self.cublas_workspace or self.cublaslt_workspace):
+            thread = "backward" if backward else "forward"
+            self._workspace("cuBLAS", thread, self.cublas_workspace)
+            bias = args[0] if args else None
+            if func is torch.ops.aten.addmm.default and isinstance(bias, torch.Tensor) and bias.dim() == 1:
+                self._workspace("cuBLASLt", thread, self.cublaslt_workspace)
         return out
+
+    def _workspace(self, library: str, thread: str, nbytes: int) -> None:
+        """The first matmul of ``thread`` on ``library``: PyTorch allocates its workspace, which stays."""
+        if nbytes <= 0 or (library, thread) in self.workspaces:
+            return
+        self.workspaces.append((library, thread))
+        entry = _Entry(-(-nbytes // self.round_to) * self.round_to, "workspaces", f"{library} workspace ({thread})")
+        if self.origins:
+            self.allocations.append(entry)
+        self._live[id(entry)] = entry  # (never freed: no storage, no weak reference)
+        self._count(entry.nbytes)
+
+    def _accumulation(self, func, args, kwargs, out) -> tuple[_Entry, _Entry] | None:
+        """The operands' entries when this op is the engine summing two gradients into an input buffer (an
+        ``add`` of two same-sized tensors while the node that made one of them hands its outputs on)."""
+        if func is not torch.ops.aten.add.Tensor or kwargs.get("alpha", 1) != 1 or len(args) != 2:
+            return None
+        if torch._C._current_autograd_node() is not self._applied:
+            return None
+        a, b = args
+        if not all(isinstance(t, torch.Tensor) for t in (a, b, out)):
+            return None
+        storages = [self._storage(t) for t in (a, b, out)]
+        if any(st is None for st in storages) or self._entries.get(storages[2]) is not None:
+            return None
+        entries = [self._entries.get(st) for st in storages[:2]]
+        if entries[0] is None or entries[1] is None or entries[0] is entries[1]:
+            return None
+        size = self._rounded(storages[2])
+        if any(e.nbytes != size or e.borrower is not None for e in entries):
+            return None
+        return entries[0], entries[1]
+
+    def _borrow(self, out: torch.Tensor, lenders: tuple[_Entry, _Entry], origin: str | None) -> None:
+        """Track ``out`` with no bytes of its own: it takes over those of the first lender freed."""
+        entry = self._add(out, self.category, retag=False, origin=origin, borrowed=True)
+        if entry is None:
+            return
+        entry.lenders = tuple(id(e) for e in lenders)
+        for e in lenders:
+            e.borrower = entry
+
+    def _storage(self, t: torch.Tensor):
+        t = self._local(t)
+        if self.device is not None and t.device.type != self.device.type:
+            return None
+        try:
+            return t.untyped_storage()
+        except (NotImplementedError, RuntimeError):
+            return None
 
     def _origin(self, func) -> str:
         backward = torch._C._current_graph_task_id() != -1
@@ -277,15 +460,19 @@ class LiveBytesTracker(TorchDispatchMode):
         return local if isinstance(local, torch.Tensor) else t
 
     def _add(
-        self, t: torch.Tensor, category: str, retag: bool, resized: bool = False, origin: str | None = None
-    ) -> None:
-        t = self._local(t)
-        if self.device is not None and t.device.type != self.device.type:
-            return
-        try:
-            st = t.untyped_storage()
-        except (NotImplementedError, RuntimeError):  # sparse / nested tensors: no single storage
-            return
+        self,
+        t: torch.Tensor,
+        category: str,
+        retag: bool,
+        resized: bool = False,
+        origin: str | None = None,
+        borrowed: bool = False,
+    ) -> _Entry | None:
+        """Track ``t``'s storage (``borrowed``: with no bytes of its own yet); its entry, or None when it is
+        not counted (another device, no single storage)."""
+        st = self._storage(t)  # (None: another device; sparse / nested tensors, no single storage)
+        if st is None:
+            return None
         entry = self._entries.get(st)
         if entry is not None:
             if retag:
@@ -296,18 +483,20 @@ class LiveBytesTracker(TorchDispatchMode):
                 nbytes = self._rounded(st)
                 self._count(nbytes - entry.nbytes)
                 entry.nbytes = nbytes
-            return
-        nbytes = self._rounded(st)
+            return entry
+        nbytes = 0 if borrowed else self._rounded(st)
         entry = _Entry(nbytes, category, origin)
         if self.origins:
-            with contextlib.suppress(RuntimeError, NotImplementedError):  # (fake / meta: no address)
-                entry.ptr = int(st.data_ptr())
+            if st.device.type != "meta":  # (fake / meta storages have no address)
+                with contextlib.suppress(RuntimeError, NotImplementedError):
+                    entry.ptr = int(st.data_ptr())
             self.allocations.append(entry)
         self._entries[st] = entry
         key = id(entry)
         self._refs[key] = weakref.ref(st, partial(self._on_free, key))
         self._live[key] = entry
         self._count(nbytes)
+        return entry
 
     def _rounded(self, storage: torch.UntypedStorage) -> int:
         return -(-storage.nbytes() // self.round_to) * self.round_to
@@ -325,9 +514,23 @@ class LiveBytesTracker(TorchDispatchMode):
         entry = self._live.get(key)
         if entry is None:
             return
+        borrower = entry.borrower
+        if borrower is not None and id(borrower) in self._live:
+            # the first operand of an in-place accumulation to go: the sum lives in its bytes from now on
+            borrower.nbytes, entry.nbytes = entry.nbytes, 0
+            self._settle(borrower)
+        elif entry.lenders:
+            self._settle(entry)  # the sum went before its operands: they free their own bytes
         self._count(-entry.nbytes)  # (snapshots the live set, this entry included, after a peak)
         del self._live[key]
         self._refs.pop(key, None)
+
+    def _settle(self, borrower: _Entry) -> None:
+        for key in borrower.lenders:
+            lender = self._live.get(key)
+            if lender is not None and lender.borrower is borrower:
+                lender.borrower = None
+        borrower.lenders = ()
 
     def _snapshot_if_pending(self) -> None:
         # The live set is copied only at a local maximum (just before the first free after a new

@@ -114,8 +114,8 @@ class Margin:
 
     ``context_bytes``: memory the process holds outside the caching allocator: the CUDA context and the
     loaded kernels (about 0.5 GiB for a torch process on a Hopper GPU with CUDA 12-13, lazy module loading),
-    plus about 70 MB of cuBLAS / cuDNN workspaces that the estimate does not count (a constant 67-73 MB gap
-    between ``max_memory_allocated`` and the estimate in every case of the H200 run of 2026-12-04).
+    with room to spare for libraries' own buffers (cuDNN, NCCL). The cuBLAS workspaces that PyTorch takes
+    through the caching allocator are in the estimate itself (its ``workspaces``).
     ``fragmentation``: the share of the peak the caching allocator holds in cached-but-free blocks that a
     request of another size cannot use (a few percent in steady training loops; PyTorch's
     ``expandable_segments`` lowers it). ``benchmarks/fit_check.py`` measures both on a GPU.
@@ -134,8 +134,8 @@ class Margin:
 
     def describe(self) -> str:
         return (
-            f"{self.context_bytes / _GiB:.2f} GiB + {self.fragmentation:.0%} of the peak (the CUDA context, "
-            "kernels and cuBLAS workspaces outside max_memory_allocated; allocator fragmentation)"
+            f"{self.context_bytes / _GiB:.2f} GiB + {self.fragmentation:.0%} of the peak (the CUDA context and "
+            "kernels outside max_memory_allocated; allocator fragmentation)"
         )
 
 

@@ -814,3 +814,14 @@ def test_measure_cuda_step_gives_its_memory_back():
     M.measure_cuda_step(cfg, "grass", activation_checkpointing="frozen", **kw)
     assert torch.cuda.memory_allocated() == before
     assert M.measure_cuda_step(cfg, "lisa", **kw) == first
+
+
+def test_gradient_accumulation_and_a_short_period_are_estimated(tiny):
+    """grad_accum runs its micro-batches (FFT keeps every gradient across them: a higher peak than one
+    micro-batch of the same size); a period shorter than the estimate's steps does not read fake MGN values."""
+    kw = dict(batch_size=1, seq_len=64)
+    one = M.estimate_memory(tiny, "fft", **kw)
+    four = M.estimate_memory(tiny, "fft", overrides={"grad_accum": 4}, **kw)
+    assert four.peak > one.peak
+    short = M.estimate_memory(tiny, "grass", overrides={"grass.period": 1}, steps=3, **kw)
+    assert short.peak == M.estimate_memory(tiny, "grass", steps=3, **kw).peak

@@ -440,7 +440,7 @@ class TrainingStep:
         self.vocab = int(getattr(config, "vocab_size", 32000))
 
     def run(self, batch_size: int, seq_len: int, tracker: LiveBytesTracker | None = None) -> None:
-        """One optimizer step of ``FinetuneRecipe.train_step`` (one micro-batch of unpadded rows)."""
+        """One optimizer step of ``FinetuneRecipe.train_step``: ``grad_accum`` micro-batches of unpadded rows."""
         from grass_llm.loss import causal_lm_loss
 
         cfg, dev = self.cfg, self.device
@@ -448,14 +448,20 @@ class TrainingStep:
         def section(name: str):
             return tracker.section(name) if tracker is not None else contextlib.nullcontext()
 
-        with section("forward"):
-            ids = torch.randint(0, self.vocab, (batch_size, seq_len), device=dev)  # (B, T)
-            n_items = torch.tensor(max(batch_size * (seq_len - 1), 1), device=dev)
-            batch = {"input_ids": ids, "labels": ids}
-            loss = causal_lm_loss(self.model, batch, self.loss_fn, n_items, cfg.compact_activations)
-        with section("backward"), tracker.backward_of(loss) if tracker is not None else contextlib.nullcontext():
-            loss.backward()
-        del loss, ids
+        accum = max(int(getattr(cfg, "grad_accum", 1)), 1)
+        for i in range(accum):  # grad_accum micro-batches, all but the last under no_sync() as the recipe runs them
+            final = i + 1 == accum
+            sync = contextlib.nullcontext() if final or not hasattr(self.opt, "no_sync") else self.opt.no_sync()
+            with section("forward"):
+                ids = torch.randint(0, self.vocab, (batch_size, seq_len), device=dev)  # (B, T)
+                n_items = torch.tensor(max(accum * batch_size * (seq_len - 1), 1), device=dev)
+                batch = {"input_ids": ids, "labels": ids}
+                with sync:
+                    loss = causal_lm_loss(self.model, batch, self.loss_fn, n_items, cfg.compact_activations)
+            backward_of = tracker.backward_of(loss) if tracker is not None else contextlib.nullcontext()
+            with section("backward"), backward_of, sync:
+                loss.backward()
+            del loss, ids
         if not self.method.layer_wise and cfg.max_grad_norm is not None:
             with section("clip"):
                 torch.nn.utils.clip_grad_norm_(
@@ -816,6 +822,10 @@ def _settings(method, active_layers, rank, batch_size, seq_len, dtype, checkpoin
         if not isinstance(key, str):
             raise MemoryEstimateError(f"overrides key {key!r} is invalid; allowed: grass-llm train keys")
         settings[key] = value
+    if get_method(method).layer_wise:
+        # no resample inside the estimate's few steps: its draw reads MGN values, which fake tensors do not hold
+        # (the memory of a step does not depend on the period; the estimate forces its active layers anyway)
+        settings["grass.period"] = max(int(settings.get("grass.period", 25)), 1000)
     return settings
 
 

@@ -146,12 +146,13 @@ class GrassConfig:
         },
     )
     fused_update: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "On CUDA, update bf16/fp16 weights that carry a Kahan compensation or fp32 masters with one "
             "fused Triton kernel (each element read and written once) instead of PyTorch's multi-pass AdamW; "
-            "the same arithmetic up to fp32 rounding, checked against PyTorch's once per process. Needs Triton "
-            "(CUDA builds of torch bring it); ignored elsewhere. False: PyTorch's AdamW."
+            "the same arithmetic up to fp32 rounding, checked against PyTorch's once per process (a failure or "
+            "a disagreement falls back to it). Needs Triton (CUDA builds of torch bring it). Off by default: "
+            "tested in Triton's CPU interpreter, not yet timed on a GPU."
         },
     )
     probe_checkpointing: bool = field(

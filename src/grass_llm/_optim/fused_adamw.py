@@ -16,8 +16,8 @@ same order of operations as ``torch.optim.adam.adam`` with decoupled weight deca
 Results equal the unfused update up to fp32 rounding (fused multiply-adds): the kernel is not bit-identical to
 it, and is used only where no bit-exact reference applies (low-precision weights on CUDA). It is checked
 against the unfused update once per process (:func:`fused_update_is_sound`); a failure or a mismatch turns it
-off with a warning. ``GrassConfig.fused_update=False`` never uses it. Triton is optional: without it (or on
-the CPU) the unfused update runs.
+off with a warning. Only with ``GrassConfig.fused_update=True`` (opt-in: it has run in Triton's CPU
+interpreter, not yet on a GPU). Triton is optional: without it (or on the CPU) the unfused update runs.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class PrecisionPolicy:
     fp32_states: bool
     seed: int
     #: on CUDA, update bf16/fp16 weights with Kahan or masters in one fused kernel (``_optim.fused_adamw``)
-    fused: bool = True
+    fused: bool = False
 
     @classmethod
     def settle(cls, config: GrassConfig, dtypes: set[torch.dtype], residency: str) -> PrecisionPolicy:

@@ -385,3 +385,17 @@ def test_diagnose_record_step_with_a_stand_in_allocator(monkeypatch) -> None:
     assert any(g.startswith("forward ") or g.startswith("backward ") for g in groups)
     plain = d.record_step(step, args, torch.device("cpu"), 0, None, {})
     assert plain["allocs_labelled"] == 0 and "tracker_peak" not in plain
+
+
+def test_gpu_rows_runs_a_row_on_the_cpu() -> None:
+    """benchmarks/gpu_rows.py (how benchmarks/results/gpu-h200-2026-12-04/rows.log was measured): one row of
+    the same code on the CPU with a tiny model."""
+    env = {**os.environ, "QR_DEVICE": "cpu", "QR_MODEL": "tiny", "QR_SEQ": "16", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), str(BENCH)])}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_rows.py"), "row", json.dumps(["grass", {}, [0, 1], 2])],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.split("ROW ", 1)[1])
+    assert row["method"] == "grass" and row["tok_s"] > 0 and row["residency"] == "off"

@@ -599,6 +599,8 @@ def estimate_memory(
         chunked_loss,
         overrides,
     )
+    if layer_wise:
+        _no_resample(settings)
     if layer_wise and phase == "probe":
         settings["grass.probe_steps"] = steps + 1  # every step of the estimate probes
     if world_size > 1:
@@ -822,11 +824,13 @@ def _settings(method, active_layers, rank, batch_size, seq_len, dtype, checkpoin
         if not isinstance(key, str):
             raise MemoryEstimateError(f"overrides key {key!r} is invalid; allowed: grass-llm train keys")
         settings[key] = value
-    if get_method(method).layer_wise:
-        # no resample inside the estimate's few steps: its draw reads MGN values, which fake tensors do not hold
-        # (the memory of a step does not depend on the period; the estimate forces its active layers anyway)
-        settings["grass.period"] = max(int(settings.get("grass.period", 25)), 1000)
     return settings
+
+
+def _no_resample(settings: dict[str, Any]) -> None:
+    """No resample inside an estimate's or a one-phase measurement's few steps: a draw reads MGN values, which
+    fake tensors do not hold (a step's memory does not depend on the period; the active layers are forced)."""
+    settings["grass.period"] = max(int(settings.get("grass.period", 25)), 1000)
 
 
 def _extras(step: TrainingStep) -> dict[str, Any]:
@@ -953,6 +957,8 @@ def training_step(
         chunked_loss,
         overrides,
     )
+    if layer_wise and phase != "run":  # (a run resamples every period, as grass-llm train does)
+        _no_resample(settings)
     if layer_wise and phase == "probe":
         settings["grass.probe_steps"] = _PROBE_FOREVER
     if layer_wise and phase == "run" and "grass.probe_steps" not in (overrides or {}):

@@ -90,13 +90,15 @@ def test_warmup_after_probing_is_one_definition_for_train_and_the_trainer():
 
 
 def test_the_trainer_helper_takes_a_probing_phase_longer_than_the_run():
-    """The HF helper used to compute a negative warmup here and fail (grass-llm train clamped it)."""
+    """The HF helper used to compute a negative warmup here and fail (grass-llm train clamped it), and
+    then trained nothing without a word: it warns, as grass-llm train does."""
     from grass_llm import GrassConfig
     from grass_llm.integrations.hf import create_grass_optimizer_and_scheduler
     from grass_llm.models import tiny_llama
 
     model = tiny_llama(32, hidden_size=16, num_layers=2, seed=0)
-    _, sched = create_grass_optimizer_and_scheduler(
-        model, grass_config=GrassConfig(active_layers=1, probe_steps=8), num_training_steps=4, warmup_steps=0.5
-    )
+    with pytest.warns(UserWarning, match=r"probe_steps=8 >= the run's 4 optimizer steps .*no weight will change"):
+        _, sched = create_grass_optimizer_and_scheduler(
+            model, grass_config=GrassConfig(active_layers=1, probe_steps=8), num_training_steps=4, warmup_steps=0.5
+        )
     assert sched.lr_lambdas[0].warmup == 1 and sched.lr_lambdas[0].delay == 8

@@ -55,12 +55,13 @@ from grass_llm.recipes.build import Batches, TrainObjects, build
 from grass_llm.recipes.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, TrainFailed, TrainInputError
 from grass_llm.recipes.final import unsharded_model, write_final
 from grass_llm.recipes.heldout import heldout_accuracy
-from grass_llm.recipes.inputs import check_inputs, check_launch, resolve_device, threads
+from grass_llm.recipes.inputs import check_inputs, check_launch, remove_created, resolve_device, threads
 from grass_llm.recipes.interrupt import Interrupted, StopSignals, signal_name
 from grass_llm.recipes.launch import Launch, from_env
 from grass_llm.recipes.reporting import Reporter, pct
-from grass_llm.recipes.resume import Resume, open_resume, resume_changes
+from grass_llm.recipes.resume import Resume, delete_replaced, open_resume, resume_changes, set_aside
 from grass_llm.recipes.run_checkpoint import checkpoint_path
+from grass_llm.recipes.run_lock import RunDirBusy, RunDirLock
 from grass_llm.recipes.state import Progress, RecipeCheckpointer
 from grass_llm.recipes.step import StepOutput, train_step
 from grass_llm.recipes.train_config import TrainConfig, config_yaml
@@ -145,23 +146,56 @@ def train(
     nothing can be saved yet (setup) or on a second signal.
     """
     t_start = time.perf_counter()
-    data_file = check_inputs(cfg)
-    launch, device = from_env(resolve_device(cfg))  # torchrun / accelerate: one process per device
+    data_file, created = check_inputs(cfg)
+    lock = RunDirLock(cfg.run_dir)
+    launch = None
     threads_before = torch.get_num_threads()
-    n_threads = threads(cfg, device)
-    if n_threads is not None:
-        torch.set_num_threads(n_threads)
     recipe = None
     try:
+        launch, device = from_env(resolve_device(cfg))  # torchrun / accelerate: one process per device
+        n_threads = threads(cfg, device)
+        if n_threads is not None:
+            torch.set_num_threads(n_threads)
+        _lock(lock, launch, device)
         recipe = FinetuneRecipe(cfg, launch, device, signals, resume_args)
         recipe.setup(data_file)
+        if signals is not None:
+            signals.check()  # (a stop raised during setup that third-party code swallowed)
         return recipe.run(t_start)
     except Interrupted as e:
         e.detail = recipe.where_stopped() if recipe is not None else ""
         raise
+    except Exception:
+        if signals is None or signals.raised is None:
+            raise
+        # a failure after a stop was raised is its consequence (third-party code converted it): the stop
+        stop = Interrupted(signals.raised, again=signals.received is not None)
+        stop.detail = recipe.where_stopped() if recipe is not None else ""
+        raise stop from None
     finally:
         torch.set_num_threads(threads_before)
-        launch.close()
+        lock.release()
+        remove_created(created)  # (a run that wrote nothing leaves no empty out_dir behind)
+        if launch is not None:
+            launch.close()
+
+
+def _lock(lock: RunDirLock, launch: Launch, device: torch.device) -> None:
+    """Rank 0 takes the out_dir's lock for the run (``grass_llm.recipes.run_lock``); every rank learns
+    whether it got it. Held by another process: ``TrainInputError`` naming it (exit code 2)."""
+    busy = None
+    if launch.is_main:
+        try:
+            lock.acquire()
+        except RunDirBusy as e:
+            busy = e
+    (n_busy,) = launch.sum([busy is not None], device)
+    if busy is not None:
+        raise TrainInputError(f"{busy}; wait for it to end, or choose another out_dir (nothing was changed)")
+    if n_busy:
+        raise TrainInputError(f"out_dir {str(lock.run_dir)!r} is in use by another process (see rank 0)")
+    if lock.took_over and launch.is_main:
+        print(f"out_dir: took over the lock left by pid {lock.took_over['pid']}, which is no longer running")
 
 
 def stopped_detail(phase: str, last_checkpoint: Path | None, resume_command: str) -> str:
@@ -184,10 +218,10 @@ class FinetuneRecipe:
         resume_args: list[str] | None = None,
     ) -> None:
         self.cfg, self.launch, self.device, self.signals = cfg, launch, device, signals
-        self.report = Reporter(cfg, launch, device)
+        self.progress = Progress()
+        self.report = Reporter(cfg, launch, device, kept=self.progress.kept)
         self.say = self.report.say
         self.resume_args = resume_args  # the CLI's arguments (None: called from Python)
-        self.progress = Progress()
         self.phase = "setup"
         self.skipped: list[int] = []  # steps skipped in this invocation
         self.streak = 0  # consecutive skipped steps
@@ -204,21 +238,27 @@ class FinetuneRecipe:
         cfg = self.cfg
         self.fsdp = check_launch(cfg, self.launch) == "fsdp2"
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        resume = open_resume(cfg, self.launch, self.device, self.say)
+        local_model = Path(cfg.model).expanduser()
+        inputs = tuple(p for p in (data_file, local_model if local_model.exists() else None) if p is not None)
+        start = open_resume(cfg, self.launch, self.device, self.say, inputs)
         self.objs = build(cfg, self.launch, self.device, self.dtype, self.fsdp, data_file)
         self.batches = Batches(self.objs.loader)
         self.checkpointer = RecipeCheckpointer(cfg, self.launch, self.device, self.objs, self.fsdp)
-        if resume is not None:
-            self._restore(resume)
+        if start.resume is not None:
+            self._restore(start.resume)
         elif self.heldout_n:
             self.progress.heldout_before = self.heldout_accuracy()
             self.say(
                 f"held-out accuracy before training: {pct(self.progress.heldout_before)} "
                 f"({self.heldout_n} arithmetic questions not in the training data)"
             )
+        # everything is built and checked: only now is anything of an earlier run replaced (set aside)
+        deferred = self.signals.deferred() if self.signals is not None else contextlib.nullcontext()
+        with deferred:
+            set_aside(cfg.run_dir, start, self.launch, self.say)
 
     def _restore(self, resume: Resume) -> None:
-        self.checkpointer.restore(resume, self.progress, self.batches)
+        self.checkpointer.restore(resume, self.progress, self.batches, self.say)
         step = self.progress.step
         self.say(f"resumed from {resume.path} at step {step}")
         if resume.changes:
@@ -355,6 +395,8 @@ class FinetuneRecipe:
             if step == total:  # (stop_at_step: the run goes on after --resume)
                 self.phase = "writing the final model"
                 final_dir, final_kind = self.save_final()
+                if self.launch.is_main:  # the run is complete: what overwrite=true replaced can go
+                    delete_replaced(self.cfg.run_dir, self.note)
                 if self.heldout_n and not self._stop_requested():
                     self.phase = "evaluating"
                     heldout = (self.progress.heldout_before, self.heldout_accuracy(), self.heldout_n)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import fnmatch
 import io
 import os
 import random
@@ -121,7 +122,8 @@ def test_a_signal_while_an_overwrite_run_starts_keeps_the_earlier_run(tmp_path):
 # a full disk at a random point
 class DiskFull:
     """The disk under ``root`` fills up at ``fail_at`` = (file, n): the n-th write (1-based) to that file
-    (its path relative to ``root``; None: never, only record the writes) and every later write raise
+    (its path relative to ``root``, a glob pattern; None: never, only record the writes) and every later
+    write raise
     ``OSError(ENOSPC)`` (``kind="enospc"``) or ``RuntimeError`` (``kind="runtime"``, what ``torch.save``'s
     zip writer raises). Writes are ``write()`` calls on files opened for writing with Python's ``open``
     (``torch.save`` through a file object, the run log, configs, manifests, matplotlib, the tokenizer)
@@ -143,8 +145,9 @@ class DiskFull:
     def _write(self, what: str) -> None:
         name = os.path.relpath(os.path.abspath(what), self.root).replace(str(os.getpid()), "PID")
         self.writes.append(name)
-        if self.fail_at is not None and (name, self.writes.count(name)) == self.fail_at:
-            self.hit = True
+        if self.fail_at is not None and fnmatch.fnmatch(name, self.fail_at[0]):
+            matching = sum(fnmatch.fnmatch(n, self.fail_at[0]) for n in self.writes)
+            self.hit = self.hit or matching == self.fail_at[1]
         if not self.hit:
             return
         if self.kind == "runtime":

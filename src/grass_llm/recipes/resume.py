@@ -39,6 +39,7 @@ __all__ = [
     "Resume",
     "Start",
     "check_data",
+    "check_resume_path",
     "delete_replaced",
     "effective_lr",
     "open_resume",
@@ -201,15 +202,22 @@ def _checkpoint_to_resume(cfg: TrainConfig, launch: Launch, device: torch.device
     return path
 
 
-def _given_checkpoint(resume: str) -> Path:
-    """``--resume=PATH``: the checkpoint, verified; a damaged one names the newest intact one beside it,
-    and a PATH that is no checkpoint says what it is and where the run's checkpoints are."""
+def check_resume_path(resume: str) -> Path:
+    """``--resume=PATH`` must exist and may be a checkpoint: a PATH that is none says what it is and
+    where the run's checkpoints are (``TrainInputError``). Not verified here."""
     path = Path(resume).expanduser()
     if not path.exists():
         raise TrainInputError(f"resume checkpoint {resume!r} does not exist")
     what = _not_a_checkpoint(path)
     if what:
         raise TrainInputError(f"cannot resume from {resume!r}: {what}")
+    return path
+
+
+def _given_checkpoint(resume: str) -> Path:
+    """``--resume=PATH``: the checkpoint, verified; a damaged one names the newest intact one beside it,
+    and a PATH that is no checkpoint says what it is and where the run's checkpoints are."""
+    path = check_resume_path(resume)
     try:
         verify_checkpoint(path)
     except CheckpointError as e:

@@ -143,9 +143,12 @@ def config_from_cli(
 
 
 def _checkpoint_to_resume(cfg: TrainConfig) -> Path | None:
-    """The checkpoint ``cfg.resume`` points at (auto: the newest intact one in out_dir), or None."""
+    """The checkpoint ``cfg.resume`` points at (auto: the newest intact one in out_dir), or None. A
+    given path that is no checkpoint is refused here, before its settings are needed."""
     if cfg.resume != "auto":
-        return Path(cfg.resume).expanduser()
+        from grass_llm.recipes.resume import check_resume_path
+
+        return check_resume_path(cfg.resume)
     from grass_llm.recipes.run_checkpoint import find_resumable
 
     if not cfg.run_dir.is_dir():

@@ -75,6 +75,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grass-llm",
         description="GRASS: gradient-based adaptive layer-wise importance sampling for LLM fine-tuning.",
+        epilog=(
+            "Exit codes: 0 done, 1 failed, 2 bad input (nothing changed), 128+N stopped by signal N (130: "
+            f"Ctrl-C). Every failure is one line; {DEBUG_ENV}=1 shows the traceback of an unexpected one."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"grass-llm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -52,7 +52,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the results already in the output directory (without it they are kept and eval stops)",
+        help=(
+            "replace the results already in the output directory, once the new ones are complete (without it "
+            "they are kept and eval stops)"
+        ),
     )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
     parser.add_argument(

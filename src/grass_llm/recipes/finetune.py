@@ -20,8 +20,15 @@ The plots (``out_dir/plots``) are drawn by ``grass-llm train`` once :func:`train
 
 What the run guarantees (tests/test_faults.py drives each case through the CLI):
 
+* one run per ``out_dir``: the run holds its lock (``grass_llm.recipes.run_lock``); another process
+  on it stops with exit code 2 naming the holder;
 * it never writes into an ``out_dir`` that holds an earlier run unless told to: ``--resume``
-  continues it, ``overwrite=true`` starts over (exit code 2 otherwise);
+  continues it, ``overwrite=true`` starts over (exit code 2 otherwise). Nothing is deleted before its
+  replacement is complete: ``overwrite=true`` sets the earlier run aside (``replaced-run-N``) once the
+  run is built and deletes it when the run is complete (``grass_llm.recipes.resume``); checkpoints and
+  the final model are written beside and renamed into place, and a failed write leaves no partial file;
+* the training data's content is fingerprinted in every checkpoint: ``--resume`` on changed data is
+  refused unless ``allow_data_change=true``;
 * ``--resume`` (anywhere on the command line; ``--resume=PATH`` for a given checkpoint) restores the
   weights, the optimizer (for GRASS: every layer's AdamW state, the MGN, the sampler and its RNG),
   the scheduler, the data position and the RNG states, so N steps + resume + N steps equals 2N steps
@@ -33,7 +40,8 @@ What the run guarantees (tests/test_faults.py drives each case through the CLI):
 * non-finite gradients: the step is skipped; ``max_nonfinite_steps`` in a row stop the run (exit code
   1) keeping the last checkpoint; non-finite weights are never saved;
 * SIGINT / SIGTERM: the step in flight completes, a checkpoint is saved, the resume command is
-  printed, exit code 130 / 143 (``grass_llm.recipes.interrupt``).
+  printed, exit code 130 / 143 (``grass_llm.recipes.interrupt``); during setup the run stops at once
+  (even when third-party code swallowed the stop), and an ``out_dir`` it created is removed again.
 
 The run directory's layout (``out_dir``, default ``runs/<method>``) is ``grass_llm.run_layout``'s.
 """

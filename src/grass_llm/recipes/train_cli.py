@@ -76,8 +76,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "built-in demo settings (configs/demo.yaml) are the base: `grass-llm train` alone fine-tunes a "
         "tiny pretrained Llama shipped with the package on a built-in arithmetic sample, on CPU, and "
         "prints its held-out accuracy before and after.\n\n"
-        "Exit codes: 0 done; 1 the run failed (diverged, could not write); 2 bad input (nothing trained); "
-        "130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint of the last step."
+        "Exit codes: 0 done; 1 the run failed (diverged, could not write); 2 bad input (nothing changed, "
+        "e.g. out_dir in use by another run, or --resume on changed data); 130 / 143 stopped by SIGINT / "
+        "SIGTERM after saving a checkpoint of the last step. Every failure is one line; set GRASS_LLM_DEBUG=1 "
+        "for the traceback of an unexpected one."
     )
     lines = [f"  {k:<30} {h}" for k, h in TrainConfig.help().items()]
     parser.epilog = (

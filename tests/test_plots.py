@@ -183,6 +183,9 @@ def test_read_log_errors(tmp_path):
     path.write_text('{"step":1,"phase":"train"}\n{"step":"2","phase":"train"}\n')
     with pytest.raises(RunLogError, match="bad line 2: 'step'"):
         read_log(tmp_path)
+    path.write_bytes(b'{"step":1,"phase":"train"}\n\xff\xfe binary\n')
+    with pytest.raises(RunLogError, match="bad line 2: not UTF-8 text"):
+        read_log(tmp_path)
     damaged = '{"step":1,"phase":"train"}\nnot json\n{"step":3,"phase":"train"}\n'
     path.write_text(damaged)
     # a resume drops the damaged line with a warning, and keeps the file as it was beside it

@@ -42,7 +42,6 @@ import contextlib
 import json
 import numbers
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Mapping
@@ -100,6 +99,22 @@ def _check_record(record: Any, where: str) -> None:
         raise RunLogError(f"{where}: 'phase' must be one of {PHASES}, got {record.get('phase')!r}")
 
 
+def _write_beside(path: Path, write: Any, binary: bool = False) -> None:
+    """Write ``path`` through ``path.tmp`` (fsync'd, then renamed): what was at ``path`` is replaced only
+    by a complete file, and a failed write leaves no ``.tmp`` behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def _log_path(run_dir: str | os.PathLike[str]) -> Path:
     return Path(run_dir) / LOG_FILENAME
 
@@ -115,7 +130,11 @@ def read_log(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = _log_path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"no run log at {path} (is {Path(run_dir)} a grass-llm run directory?)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise RunLogError(f"{path}: bad line {line}: not UTF-8 text (byte {exc.start})") from None
     lines = text.split("\n")  # the last element is "" when the file ends with a newline
     records: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
@@ -232,19 +251,15 @@ class RunLogger:
                 kept.append(line)
         if damaged:  # keep the file as it was before dropping anything of it
             copy = self.path.with_name(self.path.name + ".damaged")
-            shutil.copy2(self.path, copy)
+            original = self.path.read_bytes()
+            _write_beside(copy, lambda f: f.write(original), binary=True)
             warnings.warn(
                 f"{self.path}: {'; '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''}: dropped "
                 f"{'it' if len(damaged) == 1 else f'{len(damaged)} such lines'}; the log as it was is kept in {copy}",
                 RuntimeWarning,
                 stacklevel=3,
             )
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        _write_beside(self.path, lambda f: f.writelines(line + "\n" for line in kept))
         return dropped
 
     def _repair_tail(self) -> None:

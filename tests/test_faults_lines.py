@@ -72,19 +72,21 @@ def test_a_truncated_model_is_bad_input_for_train_and_eval(tmp_path, capsys, fin
     assert _files(out) == before
 
 
-@pytest.mark.parametrize("what", ["run directory", "checkpoints", "final", "file"])
+@pytest.mark.parametrize("what", ["run directory", "checkpoints", "final", "file", "empty directory"])
 def test_resume_from_a_path_that_is_no_checkpoint_says_what_it_is(capsys, finished_run, what):
+    (finished_run.parent / "empty").mkdir(exist_ok=True)
     path = {
         "run directory": finished_run,
         "checkpoints": finished_run / "checkpoints",
         "final": finished_run / "final",
         "file": finished_run / "log.jsonl",
+        "empty directory": finished_run.parent / "empty",
     }[what]
     before = _files(finished_run)
     rc, _, err = train(capsys, f"--resume={path}")
     assert rc == 2
     line = one_error_line(err, "grass-llm train")
-    assert f"cannot resume from {str(path)!r}: it is " in line and "incomplete" not in line
+    assert f"cannot resume from {str(path)!r}: it " in line and "incomplete" not in line
     newest = finished_run / "checkpoints" / "step-000002"
     expected = {
         "run directory": f"it is a run directory, not a checkpoint; its newest intact checkpoint is {newest}. "
@@ -94,6 +96,7 @@ def test_resume_from_a_path_that_is_no_checkpoint_says_what_it_is(capsys, finish
         "final": f"it is a final model, not a checkpoint (train from it with model=PATH); its newest intact "
         f"checkpoint is {newest}",
         "file": "it is a file; a checkpoint is a directory checkpoints/step-N of a run directory",
+        "empty directory": "it holds no checkpoint files; a checkpoint is a directory checkpoints/step-N of a run",
     }[what]
     assert expected in line
     assert _files(finished_run) == before

@@ -128,15 +128,17 @@ def _staging(out: Path) -> Iterator[Path]:
     changes before that: a failure or a signal (Ctrl-C) leaves ``out`` as it was, and an ``out`` this
     created is removed again."""
     created = [p for p in [*reversed(out.parents), out] if not p.exists()]
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".grass-llm-eval-", dir=out))
+    staging = None
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".grass-llm-eval-", dir=out))
         yield staging
         names = sorted(p.name for p in staging.iterdir())
         for name in sorted(names, key=lambda n: n == "results.json"):
             os.replace(staging / name, out / name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(OSError):
             for d in reversed(created):  # (only while empty)
                 d.rmdir()

@@ -24,6 +24,7 @@ from grass_llm.recipes.errors import TrainInputError
 from grass_llm.recipes.launch import Launch
 from grass_llm.recipes.methods import get_method
 from grass_llm.recipes.run_checkpoint import (
+    MODEL_FILE,
     CheckpointError,
     checkpoint_entries,
     find_resumable,
@@ -255,6 +256,10 @@ def _not_a_checkpoint(path: Path) -> str | None:
         run = path.parent
         hint = f"; {newest(run)}. " + continue_run.format(run) if is_run_dir(run) else ""
         return "it is a final model, not a checkpoint (train from it with model=PATH)" + hint
+    if (path / "config.json").is_file():
+        return "it is a model directory, not a checkpoint (train from it with model=PATH)"
+    if not any((path / n).exists() for n in ("COMPLETE", "MANIFEST.json", "state.pt", MODEL_FILE)):
+        return "it holds no checkpoint files; a checkpoint is a directory checkpoints/step-N of a run directory"
     return None
 
 

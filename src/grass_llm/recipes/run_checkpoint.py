@@ -372,15 +372,18 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             return manifest
     for name, entry in files.items():
         f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{path} is damaged: {name} is missing")
-        size = f.stat().st_size
-        if size != entry.get("bytes"):
-            raise CheckpointError(
-                f"{path} is damaged: {name} has {size} bytes, the manifest says {entry.get('bytes')}"
-            )
-        if _sha256(f) != entry.get("sha256"):
-            raise CheckpointError(f"{path} is damaged: {name} does not match its checksum")
+        try:  # (a file can vanish meanwhile: another process rotating its checkpoints)
+            if not f.is_file():
+                raise CheckpointError(f"{path} is damaged: {name} is missing")
+            size = f.stat().st_size
+            if size != entry.get("bytes"):
+                raise CheckpointError(
+                    f"{path} is damaged: {name} has {size} bytes, the manifest says {entry.get('bytes')}"
+                )
+            if _sha256(f) != entry.get("sha256"):
+                raise CheckpointError(f"{path} is damaged: {name} does not match its checksum")
+        except OSError as e:
+            raise CheckpointError(f"{path} is unreadable: {name}: {e.strerror or e}") from None
     sharded = f"{SHARDED_DIR}/.metadata" in files
     required = {"state.pt"} | (
         {f"{SHARDED_DIR}/{SHARDED_OPTIMIZER_FILE}"} if sharded else {MODEL_FILE, "optimizer.pt"}

@@ -189,10 +189,20 @@ class GrassCallback(TrainerCallback):
         return self.optimizer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self._grass(kwargs) is None:
+        opt = self._grass(kwargs)
+        if opt is None:
             warnings.warn(
                 "GrassCallback: the Trainer's optimizer is not a GrassOptimizer; pass "
                 "optimizers=create_grass_optimizer_and_scheduler(...) to the Trainer",
+                UserWarning,
+                stacklevel=2,
+            )
+            return control
+        left = opt.config.probe_steps - opt.probe_done  # (the steps still to probe)
+        if opt.probing and state.max_steps and state.max_steps - state.global_step <= left:
+            warnings.warn(
+                f"GrassCallback: {left} probing steps remain and the Trainer runs {state.max_steps - state.global_step} "
+                "more optimizer steps: every step probes and no weight will change; lower probe_steps or train longer",
                 UserWarning,
                 stacklevel=2,
             )

@@ -117,11 +117,14 @@ def _thread_failed(args: threading.ExceptHookArgs) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (None: ``sys.argv``, the process's own command: ``grass-llm`` and
+    ``python -m grass_llm``); returns its exit code."""
     # first of all: SIGINT / SIGTERM stop the command with a message and exit code 128 + N (grass-llm train
     # defers them to the end of the training step and saves a checkpoint; see grass_llm.recipes.interrupt)
     from grass_llm.recipes.interrupt import Interrupted, StopSignals, signal_name
 
     signals = StopSignals().install()
+    process = argv is None  # (the process ends with this command)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     prog = f"grass-llm {command}" if command in SUBCOMMANDS else "grass-llm"
@@ -171,7 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         warnings.formatwarning = formatwarning
         threading.excepthook = excepthook
-        signals.restore()
+        if process:  # the command has ended and said how: a signal now only races the exit
+            signals.ignore()
+        else:
+            signals.restore()
 
 
 if __name__ == "__main__":

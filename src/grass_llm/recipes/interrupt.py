@@ -74,6 +74,13 @@ class StopSignals:
             signal.signal(s, old)
         self._old.clear()
 
+    def ignore(self) -> None:
+        """Ignore the handled signals from now on: a process whose command has ended (its exit code and
+        message decided) exits with them, instead of a ``KeyboardInterrupt`` traceback."""
+        for s in self._old:
+            signal.signal(s, signal.SIG_IGN)
+        self._old.clear()
+
     def _handle(self, signum: int, frame: Any) -> None:
         if self._defer and self.received is None and self.raised is None:
             self.received = signum

@@ -333,12 +333,18 @@ def test_reusing_an_out_dir_is_refused_unless_overwrite(tmp_path, capsys):
     assert rc == 2
     assert (
         f"grass-llm train: error: out_dir {str(run)!r} holds an earlier run (log.jsonl, checkpoints, final); "
-        "continue it with --resume, start over with overwrite=true (deletes it), or choose another out_dir"
+        "continue it with --resume, start over with overwrite=true (replaces it), or choose another out_dir"
     ) in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing touched
     rc, out, err = train(capsys, *args, "overwrite=true", "max_steps=3")
     assert rc == 0
-    assert f"overwrite=true: deleted the earlier run in {run} (log.jsonl, checkpoints, final)" in out
+    aside = run / "replaced-run-1"
+    assert (
+        f"overwrite=true: set the earlier run's log.jsonl, checkpoints/step-000004, final aside in {aside}; "
+        "deleted once this run is complete"
+    ) in out
+    assert f"overwrite=true: this run is complete; deleted what was set aside in {aside}" in out
+    assert not aside.exists() and not (run / ".grass-llm.lock").exists()
     assert [r["step"] for r in read_log(run)] == [1, 2, 3]
     assert (run / "notes.txt").read_text() == "mine"  # not an output of the run: kept
 
@@ -513,7 +519,12 @@ def test_resuming_an_older_checkpoint_into_newer_ones_needs_overwrite(tmp_path, 
     assert rc == 2
     assert f"it holds newer checkpoints ({run}/checkpoints/step-000008)" in err and "overwrite=true" in err
     rc, out, _ = train(capsys, f"--resume={older}", "overwrite=true", "stop_at_step=6")
-    assert rc == 0 and f"overwrite=true: deleted the newer checkpoints {run}/checkpoints/step-000008" in out
+    aside = run / "replaced-run-1"
+    assert rc == 0
+    assert f"overwrite=true: set the newer checkpoints checkpoints/step-000008 aside in {aside}; deleted" in out
+    verify_checkpoint(aside / "checkpoints" / "step-000008")  # kept until the run is complete
+    rc, out, _ = train(capsys, "--resume", f"out_dir={run}")
+    assert rc == 0 and "done:" in out and not aside.exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -273,3 +273,19 @@ def test_trl_sft_trainer_takes_the_grass_optimizer(tmp_path):
     assert opt.global_step == 6 and len(opt.active_layers) == 2
     changed = {n.split(".")[2] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {str(i) for i in opt.active_layers}
+
+
+def test_a_run_shorter_than_probing_says_so(tmp_path):
+    """max_steps below probe_steps trained nothing and said nothing: the helper warns when it knows
+    max_steps; when the Trainer derives it from epochs, GrassCallback warns at the start."""
+    model = make_tiny_llama(num_layers=2)
+    cfg = GrassConfig(active_layers=1, probe_steps=5)
+    with pytest.warns(UserWarning, match=r"probe_steps=5 >= the run's 3 optimizer steps"):
+        create_grass_optimizer_and_scheduler(model, _args(tmp_path, max_steps=3), grass_config=cfg)
+    args = _args(tmp_path, max_steps=-1, num_train_epochs=1, lr_scheduler_type="constant")
+    opt, sched = create_grass_optimizer_and_scheduler(model, args, grass_config=cfg)  # (max_steps unknown)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(8), optimizers=(opt, sched))
+    add_grass_callback(trainer)
+    with pytest.warns(UserWarning, match=r"5 probing steps remain and the Trainer runs 2 more optimizer steps"):
+        trainer.train()
+    assert opt.probing and opt.probe_done == 2

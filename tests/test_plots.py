@@ -183,9 +183,16 @@ def test_read_log_errors(tmp_path):
     path.write_text('{"step":1,"phase":"train"}\n{"step":"2","phase":"train"}\n')
     with pytest.raises(RunLogError, match="bad line 2: 'step'"):
         read_log(tmp_path)
-    path.write_text('{"step":1,"phase":"train"}\nnot json\n{"step":3,"phase":"train"}\n')
-    with pytest.raises(RunLogError, match="bad line 2"):
-        RunLogger(tmp_path, resume_from=1)  # never rewrites over a corrupt line
+    path.write_bytes(b'{"step":1,"phase":"train"}\n\xff\xfe binary\n')
+    with pytest.raises(RunLogError, match="bad line 2: not UTF-8 text"):
+        read_log(tmp_path)
+    damaged = '{"step":1,"phase":"train"}\nnot json\n{"step":3,"phase":"train"}\n'
+    path.write_text(damaged)
+    # a resume drops the damaged line with a warning, and keeps the file as it was beside it
+    with pytest.warns(RuntimeWarning, match=r"line 2 is not a valid record: .*kept in .*log\.jsonl\.damaged"):
+        RunLogger(tmp_path, resume_from=1).close()
+    assert (tmp_path / f"{LOG_FILENAME}.damaged").read_text() == damaged
+    assert [r["step"] for r in read_log(tmp_path)] == [1]
 
 
 def test_tensorboard_mirror(tmp_path):

@@ -90,13 +90,43 @@ def test_warmup_after_probing_is_one_definition_for_train_and_the_trainer():
 
 
 def test_the_trainer_helper_takes_a_probing_phase_longer_than_the_run():
-    """The HF helper used to compute a negative warmup here and fail (grass-llm train clamped it)."""
+    """The HF helper used to compute a negative warmup here and fail (grass-llm train clamped it), and
+    then trained nothing without a word: it warns, as grass-llm train does."""
     from grass_llm import GrassConfig
     from grass_llm.integrations.hf import create_grass_optimizer_and_scheduler
     from grass_llm.models import tiny_llama
 
     model = tiny_llama(32, hidden_size=16, num_layers=2, seed=0)
-    _, sched = create_grass_optimizer_and_scheduler(
-        model, grass_config=GrassConfig(active_layers=1, probe_steps=8), num_training_steps=4, warmup_steps=0.5
-    )
+    with pytest.warns(UserWarning, match=r"probe_steps=8 >= the run's 4 optimizer steps .*no weight will change"):
+        _, sched = create_grass_optimizer_and_scheduler(
+            model, grass_config=GrassConfig(active_layers=1, probe_steps=8), num_training_steps=4, warmup_steps=0.5
+        )
     assert sched.lr_lambdas[0].warmup == 1 and sched.lr_lambdas[0].delay == 8
+
+
+def test_a_grad_scaler_overflow_does_not_move_the_schedule():
+    """The Trainer's order (scaler.step, scaler.update, scheduler.step after every step): an overflow,
+    in probing and in the first training step, leaves the schedule where it was (issue #17.4)."""
+    from grass_llm import GrassConfig, GrassOptimizer
+    from grass_llm.models import tiny_llama
+
+    model = tiny_llama(32, hidden_size=16, num_layers=2, seed=0)
+    opt = GrassOptimizer(model, GrassConfig(active_layers=1, period=2, probe_steps=2), lr=1.0)
+    sched = build_lr_scheduler(opt, "linear", num_warmup_steps=2, num_training_steps=9, delay_steps=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    applied = []
+    for step in range(1, 10):
+        applied.append(opt.param_groups[0]["lr"])
+        loss = model(input_ids=x, labels=x).loss
+        if step in (1, 4):
+            loss = loss * float("inf")  # an overflow
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        opt.zero_grad()
+    assert opt.skipped_steps == 2 and opt.last_step_skipped is False
+    # probing steps 1-3 (1 skipped and repeated), step 4 skipped: warm-up from step 5, decay over 7 steps
+    assert applied == pytest.approx([0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 0.8, 0.6])
+    assert sched.last_epoch == 7

@@ -9,6 +9,13 @@ after the subcommand's name before parsing). Modules are imported only when thei
 ``grass_llm`` changes nothing): warnings print as one ``grass-llm: warning: ...`` line without the
 source line, and third-party ``FutureWarning`` s (deprecation notices meant for developers) are not
 shown.
+
+Every failure ends in one line and its exit code: the subcommands report what they expect (bad input:
+exit code 2; a run that failed: 1); anything else reaches :func:`main`, which prints
+``grass-llm COMMAND: error: <type>: <message>`` and returns 1, with the traceback only when the
+environment variable ``GRASS_LLM_DEBUG`` is set (to anything but ``0``). A signal stops any command
+with exit code 128 + N and one line; an error that follows a signal (third-party code that swallowed
+or converted the stop, see ``grass_llm.recipes.interrupt``) is reported as that signal.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import importlib
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -36,6 +44,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 _NOTHING_DONE = " during setup, before the first step: nothing was trained or saved in this invocation"
+#: set (to anything but 0) to see the traceback of an unexpected error
+DEBUG_ENV = "GRASS_LLM_DEBUG"
+
+
+def debug() -> bool:
+    """Whether ``$GRASS_LLM_DEBUG`` asks for tracebacks."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def one_line(e: BaseException) -> str:
+    """``e``'s message on one line (its lines joined), at most 1000 characters."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+    return text if len(text) <= 1000 else text[:997] + "..."
 
 
 def _version() -> str:
@@ -54,6 +75,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grass-llm",
         description="GRASS: gradient-based adaptive layer-wise importance sampling for LLM fine-tuning.",
+        epilog=(
+            "Exit codes: 0 done, 1 failed, 2 bad input (nothing changed), 128+N stopped by signal N (130: "
+            f"Ctrl-C). Every failure is one line; {DEBUG_ENV}=1 shows the traceback of an unexpected one."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"grass-llm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -81,16 +106,32 @@ def _setup_output() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    """A background thread's exception (TensorBoard's writer, a data loader...): one line; the main
+    thread reports what it means for the command."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    text = one_line(args.exc_value) if args.exc_value is not None else ""
+    print(f"grass-llm: warning: a background thread ({name}) failed: {args.exc_type.__name__}: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (None: ``sys.argv``, the process's own command: ``grass-llm`` and
+    ``python -m grass_llm``); returns its exit code."""
     # first of all: SIGINT / SIGTERM stop the command with a message and exit code 128 + N (grass-llm train
     # defers them to the end of the training step and saves a checkpoint; see grass_llm.recipes.interrupt)
     from grass_llm.recipes.interrupt import Interrupted, StopSignals, signal_name
 
     signals = StopSignals().install()
+    process = argv is None  # (the process ends with this command)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     prog = f"grass-llm {command}" if command in SUBCOMMANDS else "grass-llm"
     formatwarning = warnings.formatwarning
+    excepthook = threading.excepthook
+    if not debug():
+        threading.excepthook = _thread_failed
     try:
         with warnings.catch_warnings():  # (restores the filters; formatwarning is restored below)
             _setup_output()
@@ -107,15 +148,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             args._signals = signals
             module = importlib.import_module(args._module)
-            return int(module.cli_main(args) or 0)
+            rc = int(module.cli_main(args) or 0)
+            if rc != 0 and signals.raised is not None:  # (a failure after a stop: the stop's consequence)
+                signals.check()
+            return rc
     except Interrupted as e:
         detail = e.detail or (_NOTHING_DONE if command == "train" else "")
         if os.environ.get("RANK", "0") == "0":
             print(f"\n{prog}: stopped by {signal_name(e.signum)}{detail}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:
+        if signals.raised is not None:  # third-party code swallowed or converted the stop
+            if os.environ.get("RANK", "0") == "0":
+                detail = _NOTHING_DONE if command == "train" else ""
+                print(f"\n{prog}: stopped by {signal_name(signals.raised)}{detail}", file=sys.stderr)
+            return 128 + signals.raised
+        if debug():
+            raise
+        print(
+            f"{prog}: error: {type(e).__name__}: {one_line(e)} (an unexpected failure; set {DEBUG_ENV}=1 to see "
+            "the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         warnings.formatwarning = formatwarning
-        signals.restore()
+        threading.excepthook = excepthook
+        if process:  # the command has ended and said how: a signal now only races the exit
+            signals.ignore()
+        else:
+            signals.restore()
 
 
 if __name__ == "__main__":

@@ -87,14 +87,38 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, device
     if local.exists() and not (local.is_dir() and has_config):
         raise ModelLoadError(f"model {name!r} is not a model directory (no config.json in {local})")
     source = str(local) if local.exists() else name
+    if local.is_dir() and not (local / "config.json").is_file():
+        _check_adapter_base(name, local / "adapter_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {e}") from None
+    except Exception as e:  # OSError, ValueError, safetensors' SafetensorError (a truncated file)...
+        raise ModelLoadError(f"cannot load model {name!r}: {type(e).__name__}: {_one_line(e)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     return (model if device is None else model.to(device)), tokenizer
+
+
+def _check_adapter_base(name: str, config: Path) -> None:
+    """An adapter directory must record a base model that exists (a path) or a hub name: checked here,
+    so that a missing base is one clear line, not a request to the hub for a model named ``None``."""
+    import json
+
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"model {name!r}: cannot read {config}: {e}") from None
+    if not base:
+        raise ModelLoadError(
+            f"model {name!r} is an adapter that records no base model ({config.name} has no "
+            "base_model_name_or_path); load its base with peft.PeftModel.from_pretrained(base, adapter)"
+        )
+    if looks_like_path(base) and not Path(base).expanduser().exists():
+        raise ModelLoadError(f"model {name!r} is an adapter whose base model {base!r} does not exist")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or "(no message)"
 
 
 def load_tiny_pretrained(dtype: torch.dtype | None = None, asset: Path | None = None):

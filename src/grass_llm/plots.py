@@ -167,7 +167,15 @@ def _new_figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=_DPI)
+    """Write the PNG beside ``path`` first and rename it into place: a plot of an earlier call is
+    replaced only by a complete new one (a full disk leaves the old plot, and no partial file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=_DPI, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -397,18 +405,40 @@ def cli_main(args: argparse.Namespace) -> int:
     if not run_dir.is_dir():
         print(f"grass-llm plot: run directory not found: {run_dir}", file=sys.stderr)
         return 2
+    out = args.out if args.out is not None else run_dir / PLOTS_DIR
+    if out.exists() and not out.is_dir():
+        print(f"grass-llm plot: error: --out {str(out)!r} is a file; allowed: a directory", file=sys.stderr)
+        return 2
     try:
         records = _load(run_dir)
-        out = args.out if args.out is not None else run_dir / "plots"
-        written, skipped = _plot_records(records, out)
     except FileNotFoundError as exc:
         print(f"grass-llm plot: {exc}", file=sys.stderr)
         return 2
-    except RunLogError as exc:
+    except (RunLogError, UnicodeDecodeError) as exc:
         print(f"grass-llm plot: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"grass-llm plot: error: cannot read {run_dir / LOG_FILENAME}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        written, skipped = _plot_records(records, out)
+    except OSError as exc:  # an unwritable run directory or --out, a full disk
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"grass-llm plot: error: cannot write the plots in {out}: {exc.strerror or exc}{where}; plots "
+            "already there are unchanged",
+            file=sys.stderr,
+        )
         return 1
     except ValueError as exc:  # e.g. an active layer out of range
         print(f"grass-llm plot: {run_dir / LOG_FILENAME}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a writer's own error (matplotlib, PIL)
+        print(
+            f"grass-llm plot: error: cannot write the plots in {out}: {type(exc).__name__}: {exc}; plots "
+            "already there are unchanged",
+            file=sys.stderr,
+        )
         return 1
     for path in written:
         print(path)

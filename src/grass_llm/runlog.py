@@ -26,13 +26,19 @@ written as ``NaN``/``Infinity`` (Python's ``json`` reads them back).
 Resuming: ``RunLogger(run_dir, resume_from=step)`` (or ``truncate_after(step)`` on an open logger)
 drops every record with ``step > step`` before appending, so a run resumed from the checkpoint taken
 after ``step`` steps has no duplicate or stale lines. A final line cut short by a crash (no trailing
-newline) is repaired the same way. With ``tensorboard=True`` the scalars are mirrored to a
+newline) is repaired the same way. A damaged line elsewhere (a flipped byte, an edit) is dropped with a
+warning when the log is rewritten, and the file as it was is kept beside it as ``log.jsonl.damaged``
+(nothing is lost).
+
+Writing fails with :class:`RunLogWriteError` (an ``OSError``) naming the file: a full disk, or the log
+deleted while the run writes it (its ``out_dir`` removed); the TensorBoard mirror's failures too. With ``tensorboard=True`` the scalars are mirrored to a
 ``torch.utils.tensorboard.SummaryWriter`` in ``RUN_DIR/tensorboard``, opened with
 ``purge_step=step + 1`` on resume so TensorBoard drops the stale events too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
 import os
@@ -44,7 +50,7 @@ from typing import Any
 
 from grass_llm.run_layout import LOG_FILENAME, TENSORBOARD_DIR
 
-__all__ = ["LOG_FILENAME", "PHASES", "RunLogError", "RunLogger", "read_log"]
+__all__ = ["LOG_FILENAME", "PHASES", "RunLogError", "RunLogWriteError", "RunLogger", "read_log"]
 
 PHASES = ("probe", "train")
 # per-decoder-layer lists mirrored to TensorBoard as one scalar series per layer
@@ -54,6 +60,16 @@ _NOT_MIRRORED = ("step", "time")
 
 class RunLogError(ValueError):
     """A run log that cannot be read: a malformed line, or a record without step/phase."""
+
+
+class RunLogWriteError(OSError):
+    """The run log (or its TensorBoard mirror) cannot be written; the message names the file and why."""
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}"
 
 
 def _to_json(value: Any) -> Any:
@@ -83,6 +99,22 @@ def _check_record(record: Any, where: str) -> None:
         raise RunLogError(f"{where}: 'phase' must be one of {PHASES}, got {record.get('phase')!r}")
 
 
+def _write_beside(path: Path, write: Any, binary: bool = False) -> None:
+    """Write ``path`` through ``path.tmp`` (fsync'd, then renamed): what was at ``path`` is replaced only
+    by a complete file, and a failed write leaves no ``.tmp`` behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def _log_path(run_dir: str | os.PathLike[str]) -> Path:
     return Path(run_dir) / LOG_FILENAME
 
@@ -98,7 +130,11 @@ def read_log(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = _log_path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"no run log at {path} (is {Path(run_dir)} a grass-llm run directory?)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise RunLogError(f"{path}: bad line {line}: not UTF-8 text (byte {exc.start})") from None
     lines = text.split("\n")  # the last element is "" when the file ends with a newline
     records: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
@@ -158,10 +194,21 @@ class RunLogger:
         out = _to_json({**(record or {}), **fields})
         _check_record(out, "RunLogger.log")
         out.setdefault("time", time.time())
-        self._file.write(json.dumps(out, separators=(",", ":")) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(out, separators=(",", ":")) + "\n")
+            self._file.flush()
+            deleted = os.fstat(self._file.fileno()).st_nlink == 0
+        except Exception as e:  # (OSError: a full disk; anything a file system raises)
+            raise RunLogWriteError(f"cannot write the run log {self.path}: {_reason(e)}") from None
+        if deleted:
+            raise RunLogWriteError(f"the run log {self.path} was deleted while the run wrote it (out_dir removed?)")
         if self._tb is not None:
-            self._mirror(out)
+            try:
+                self._mirror(out)
+            except Exception as e:  # (tensorboard's writer: OSError, or its own errors from its thread)
+                raise RunLogWriteError(
+                    f"cannot write the TensorBoard events in {self.run_dir / TENSORBOARD_DIR}: {_reason(e)}"
+                ) from None
         return out
 
     def _mirror(self, record: dict[str, Any]) -> None:
@@ -194,17 +241,25 @@ class RunLogger:
             return 0
         kept: list[str] = []
         dropped = 0
-        for record, line in self._scan():
+        damaged: list[str] = []
+        for record, line, problem in self._scan():
+            if problem:
+                damaged.append(problem)
             if record is None or (keep_through is not None and record["step"] > keep_through):
                 dropped += 1
             else:
                 kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        if damaged:  # keep the file as it was before dropping anything of it
+            copy = self.path.with_name(self.path.name + ".damaged")
+            original = self.path.read_bytes()
+            _write_beside(copy, lambda f: f.write(original), binary=True)
+            warnings.warn(
+                f"{self.path}: {'; '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''}: dropped "
+                f"{'it' if len(damaged) == 1 else f'{len(damaged)} such lines'}; the log as it was is kept in {copy}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _write_beside(self.path, lambda f: f.writelines(line + "\n" for line in kept))
         return dropped
 
     def _repair_tail(self) -> None:
@@ -218,25 +273,25 @@ class RunLogger:
         if self._rewrite(keep_through=None):
             warnings.warn(f"{self.path}: dropped an incomplete final line", RuntimeWarning, stacklevel=3)
 
-    def _scan(self) -> list[tuple[dict[str, Any] | None, str]]:
-        """(record, line) pairs of the current file; record is None for a torn final line."""
-        lines = self.path.read_text(encoding="utf-8").split("\n")
-        out: list[tuple[dict[str, Any] | None, str]] = []
+    def _scan(self) -> list[tuple[dict[str, Any] | None, str, str | None]]:
+        """(record, line, problem) of each line of the current file; record is None for a torn final
+        line (problem None: an interrupted write) or a damaged line (problem says what is wrong)."""
+        lines = self.path.read_text(encoding="utf-8", errors="replace").split("\n")
+        out: list[tuple[dict[str, Any] | None, str, str | None]] = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            where = f"{self.path}: bad line {number}"
             try:
                 record = json.loads(line)
-                _check_record(record, where)
+                _check_record(record, f"line {number}")
             except (json.JSONDecodeError, RunLogError) as exc:
                 if number == len(lines):  # no trailing newline: the write was cut short
-                    out.append((None, line))
+                    out.append((None, line, None))
                     continue
-                if isinstance(exc, json.JSONDecodeError):
-                    raise RunLogError(f"{where}: {exc.msg} (column {exc.colno})") from None
-                raise
-            out.append((record, line))
+                why = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+                out.append((None, line, f"line {number} is not a valid record: {why.removeprefix(f'line {number}: ')}"))
+                continue
+            out.append((record, line, None))
         return out
 
     # -- file handles --------------------------------------------------------------------------
@@ -254,11 +309,15 @@ class RunLogger:
             self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge_step)
 
     def _close_handles(self) -> None:
+        # (every record was flushed when written: a failure to close loses nothing, and must not hide
+        # the error that ends a run)
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
         if self._tb is not None:
-            self._tb.close()
+            with contextlib.suppress(Exception):
+                self._tb.close()
             self._tb = None
 
     def close(self) -> None:

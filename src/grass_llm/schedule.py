@@ -9,6 +9,13 @@ schedule is a plain object holding only numbers and a name, so a ``LambdaLR`` bu
 ``state_dict`` that ``torch.load(weights_only=True)`` reads back (the Trainer loads ``scheduler.pt``
 that way on resume; a ``functools.partial`` in the state would not load). torch only.
 
+The schedule's position counts the optimizer's completed steps, not the calls to ``scheduler.step()``:
+a step the optimizer skipped (``GrassOptimizer`` sets ``last_step_skipped`` after every ``step()``:
+non-finite gradients, a GradScaler overflow, no backward pass) changes nothing, and probing repeats it,
+so the scheduler stays where it is too (:class:`CompletedStepsLR`; the Hugging Face Trainer calls
+``scheduler.step()`` after every optimizer step, skipped or not). The warm-up thus starts at the first
+training step after probing, however many steps were skipped.
+
     sched = build_lr_scheduler(opt, "cosine", num_warmup_steps=100, num_training_steps=3750, delay_steps=150)
 """
 
@@ -19,7 +26,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["SCHEDULES", "LRSchedule", "build_lr_scheduler", "resolve_warmup", "warmup_after_delay"]
+__all__ = [
+    "SCHEDULES",
+    "CompletedStepsLR",
+    "LRSchedule",
+    "build_lr_scheduler",
+    "resolve_warmup",
+    "warmup_after_delay",
+]
 
 #: Schedule names (``transformers.SchedulerType`` values that are a function of the step alone).
 SCHEDULES = (
@@ -157,6 +171,23 @@ def warmup_after_delay(warmup: float, num_training_steps: int | None, delay_step
     return resolve_warmup(warmup, after)
 
 
+class CompletedStepsLR(torch.optim.lr_scheduler.LambdaLR):
+    """A ``LambdaLR`` whose position is the number of optimizer steps that completed: ``step()`` right
+    after an optimizer step that was skipped (``optimizer.last_step_skipped``) leaves it where it is.
+    An optimizer without ``last_step_skipped`` counts every step. Its ``state_dict`` holds plain values
+    only (``torch.load(weights_only=True)`` reads it back), so resuming continues it exactly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda: Any, last_epoch: int = -1) -> None:
+        self.follows_skips = False  # (the first step, at construction, always counts)
+        super().__init__(optimizer, lr_lambda, last_epoch)
+        self.follows_skips = True
+
+    def step(self, epoch: int | None = None) -> None:  # type: ignore[override]
+        if epoch is None and self.follows_skips and getattr(self.optimizer, "last_step_skipped", False):
+            return  # the optimizer changed nothing: neither does the schedule
+        super().step(epoch)
+
+
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer,
     name: str = "linear",
@@ -164,8 +195,8 @@ def build_lr_scheduler(
     num_training_steps: int | None = None,
     delay_steps: int = 0,
     scheduler_kwargs: dict[str, Any] | None = None,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` over every param group following :class:`LRSchedule`.
+) -> CompletedStepsLR:
+    """A :class:`CompletedStepsLR` over every param group following :class:`LRSchedule`.
 
     The base LR of each group is its current ``lr`` (``initial_lr`` if a scheduler ran before).
     """
@@ -173,4 +204,4 @@ def build_lr_scheduler(
     schedule = LRSchedule(
         name, num_warmup_steps, num_training_steps, delay_steps, lr_init=lr_init, **(scheduler_kwargs or {})
     )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return CompletedStepsLR(optimizer, schedule)

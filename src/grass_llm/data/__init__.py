@@ -35,6 +35,7 @@ from grass_llm.data.records import (
     DataError,
     default_data_dir,
     load_records,
+    records_fingerprint,
     resolve_data_path,
 )
 from grass_llm.data.tokenize import tokenize_record, tokenize_records
@@ -58,6 +59,7 @@ __all__ = [
     "default_data_dir",
     "format_prompt",
     "load_records",
+    "records_fingerprint",
     "resolve_data_path",
     "tokenize_record",
     "tokenize_records",

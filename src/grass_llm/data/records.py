@@ -4,13 +4,22 @@ and the fault."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DATA_DIR_ENV", "TRAIN_FIELDS", "DataError", "default_data_dir", "load_records", "resolve_data_path"]
+__all__ = [
+    "DATA_DIR_ENV",
+    "TRAIN_FIELDS",
+    "DataError",
+    "default_data_dir",
+    "load_records",
+    "records_fingerprint",
+    "resolve_data_path",
+]
 
 #: Fields a training record must have; ``input`` is optional (missing / null / "" = no input).
 TRAIN_FIELDS = ("instruction", "output")
@@ -185,3 +194,14 @@ def load_records(
             raise DataError(f"{p}: limit must be >= 1, got {limit}")
         data = data[:limit]
     return [_check_record(p, i, rec, required) for i, rec in enumerate(data, 1)]
+
+
+def records_fingerprint(records: Sequence[Any]) -> str:
+    """The SHA-256 of the records' content (each record as canonical JSON, in order): the same data gives
+    the same fingerprint wherever its file lives and however it is laid out (JSON or JSONL, whitespace,
+    key order); any changed, added, removed or reordered record gives another."""
+    h = hashlib.sha256()
+    for rec in records:
+        h.update(json.dumps(rec, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the results already in the output directory (without it they are kept and eval stops)",
+        help=(
+            "replace the results already in the output directory, once the new ones are complete (without it "
+            "they are kept and eval stops)"
+        ),
     )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
     parser.add_argument(
@@ -135,8 +139,11 @@ def _existing_results(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if p.name in names)
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write over earlier results without ``--overwrite``; with it, delete them first."""
+def _check_out_dir(out: Path, overwrite: bool) -> list[Path]:
+    """Refuse to write over earlier results without ``--overwrite``; returns them (replaced, or deleted
+    when the new results have no file of their name, only once the new results are complete)."""
+    if out.is_symlink() and not out.exists():
+        raise EvalInputError(f"--out {str(out)!r} is a symbolic link to {os.readlink(out)!r}, which does not exist")
     if out.exists() and not out.is_dir():
         raise EvalInputError(f"--out {str(out)!r} is a file; allowed: a directory")
     found = _existing_results(out)
@@ -145,8 +152,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
             f"{out} already holds results ({', '.join(p.name for p in found)}); pass --overwrite to replace "
             "them, or --out DIR to write elsewhere"
         )
-    for p in found:
-        p.unlink()
+    return found
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -159,6 +165,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def cli_main(args: argparse.Namespace) -> int:
     """Run ``grass-llm eval``; bad input prints ``grass-llm eval: error: ...`` and returns 2."""
+    out = Path(".")
     try:
         _check_cli_args(args)
         benches, used_group = resolve_benchmarks(args.benchmarks)
@@ -170,8 +177,11 @@ def cli_main(args: argparse.Namespace) -> int:
                     raise
                 del e
         out = Path(args.out).expanduser() if args.out else default_out_dir(args.model)
-        _check_out_dir(out, args.overwrite)
+        earlier = _check_out_dir(out, args.overwrite)
         model, tokenizer = _load(args)
+        signals = getattr(args, "_signals", None)
+        if signals is not None:
+            signals.check()  # (a Ctrl-C while loading, swallowed by the loader: stop before evaluating)
         model_name = args.model_name or Path(args.model.rstrip("/")).name or args.model
         results = evaluate_model(
             model,
@@ -187,10 +197,27 @@ def cli_main(args: argparse.Namespace) -> int:
             prompt_style=args.prompt_style,
         )
     except (EvalInputError, DataError) as e:
+        _stopped_first(args)
         print(f"grass-llm eval: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"grass-llm eval: error: cannot write the results: {e}", file=sys.stderr)
+        _stopped_first(args)
+        print(
+            f"grass-llm eval: error: cannot write the results in {out}: {e.strerror or e}; the results that "
+            "were there are unchanged",
+            file=sys.stderr,
+        )
         return 1
+    written = {f"{name}.jsonl" for name in results["benchmarks"]} | {"results.json", "results.md"}
+    for p in earlier:  # (--overwrite: earlier results the new ones have no file for)
+        if p.name not in written:
+            p.unlink(missing_ok=True)
     print(format_results_markdown(results))
     return 0
+
+
+def _stopped_first(args: argparse.Namespace) -> None:
+    """A failure after a Ctrl-C was raised (and swallowed by a library) is reported as that stop."""
+    signals = getattr(args, "_signals", None)
+    if signals is not None:
+        signals.check()

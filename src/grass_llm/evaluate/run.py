@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,18 +82,35 @@ def evaluate_model(
         name: load_records(p, required=("instruction", "answer"), limit=limit) for name, p in paths.items()
     }
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    scores: dict[str, dict[str, Any]] = {}
-    for b in benches:
-        if b.name in records:
-            budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[b.group]
-            t0 = time.perf_counter()
-            scores[b.name] = _score_benchmark(
-                model, tokenizer, b, records[b.name], out, batch_size, budget, prompt_style
-            )
-            n, total = scores[b.name]["correct"], scores[b.name]["total"]
-            say(f"{b.name}: {n}/{total} = {100.0 * n / total:.2f}% ({time.perf_counter() - t0:.1f} s)")
-    settings = {
+    with _staging(out) as staging:
+        scores: dict[str, dict[str, Any]] = {}
+        for b in benches:
+            if b.name in records:
+                budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[b.group]
+                t0 = time.perf_counter()
+                scores[b.name] = _score_benchmark(
+                    model, tokenizer, b, records[b.name], staging, batch_size, budget, prompt_style
+                )
+                n, total = scores[b.name]["correct"], scores[b.name]["total"]
+                say(f"{b.name}: {n}/{total} = {100.0 * n / total:.2f}% ({time.perf_counter() - t0:.1f} s)")
+        settings = _settings(benches, data_dir, batch_size, max_new_tokens, limit, prompt_style)
+        results = {"model": model_name, "method": method_name, "benchmarks": scores}
+        results.update(averages=group_averages(scores), skipped=skipped, settings=settings)
+        (staging / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        (staging / "results.md").write_text(format_results_markdown(results), encoding="utf-8")
+    say(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return results
+
+
+def _settings(
+    benches: Sequence[Benchmark],
+    data_dir: str | os.PathLike[str] | None,
+    batch_size: int,
+    max_new_tokens: int | None,
+    limit: int | None,
+    prompt_style: str,
+) -> dict[str, Any]:
+    return {
         "benchmarks": [b.name for b in benches],
         "data_dir": str(llm_adapters_root(data_dir)),
         "batch_size": batch_size,
@@ -99,12 +119,29 @@ def evaluate_model(
         "prompt_style": prompt_style,
         "decoding": "greedy",
     }
-    results = {"model": model_name, "method": method_name, "benchmarks": scores}
-    results.update(averages=group_averages(scores), skipped=skipped, settings=settings)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(format_results_markdown(results), encoding="utf-8")
-    say(f"wrote {out / 'results.md'} and {out / 'results.json'}")
-    return results
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A directory in ``out`` to write the results into; once they are all written they replace the
+    files of the same names in ``out`` (``results.json`` last, each with a rename). Nothing in ``out``
+    changes before that: a failure or a signal (Ctrl-C) leaves ``out`` as it was, and an ``out`` this
+    created is removed again."""
+    created = [p for p in [*reversed(out.parents), out] if not p.exists()]
+    staging = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".grass-llm-eval-", dir=out))
+        yield staging
+        names = sorted(p.name for p in staging.iterdir())
+        for name in sorted(names, key=lambda n: n == "results.json"):
+            os.replace(staging / name, out / name)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            for d in reversed(created):  # (only while empty)
+                d.rmdir()
 
 
 def _check_settings(prompt_style: str, limit: int | None, batch_size: int, max_new_tokens: int | None) -> None:

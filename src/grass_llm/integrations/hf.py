@@ -19,7 +19,11 @@ and scheduler states load with ``weights_only=True``), and ``torchrun``: the Tra
 in DDP, whose gradient reduction GRASS switches off, as it all-reduces the active layers itself.
 
 The LR schedule starts after probing: the ``probe_steps`` probing steps change no weight, so warmup
-and decay are laid over the remaining ``num_training_steps - probe_steps`` steps.
+and decay are laid over the remaining ``num_training_steps - probe_steps`` steps. The schedule counts
+the optimizer's completed steps: after a step GRASS skipped (non-finite gradients, a GradScaler
+overflow) the Trainer's ``scheduler.step()`` changes nothing, so warm-up starts at the first training
+step after probing (``grass_llm.schedule.CompletedStepsLR``). ``max_steps`` at or below
+``probe_steps`` trains nothing, and says so (a warning).
 
 ``GrassCallback`` adds scalars to the Trainer's ``logs`` at every logging step:
 ``grass/num_active``, ``grass/probing``, ``grass/skipped_steps`` (steps skipped for non-finite
@@ -116,6 +120,13 @@ def create_grass_optimizer_and_scheduler(
             f"num_training_steps is needed for the {sched_name!r} schedule: pass it, or set max_steps in "
             "TrainingArguments (optimizer steps = ceil(len(dataloader) / gradient_accumulation_steps) * epochs)"
         )
+    if num_training_steps is not None and cfg.probe_steps and cfg.probe_steps >= num_training_steps:
+        warnings.warn(
+            f"GrassConfig.probe_steps={cfg.probe_steps} >= the run's {num_training_steps} optimizer steps "
+            "(max_steps): every step probes and no weight will change; lower probe_steps or raise max_steps",
+            UserWarning,
+            stacklevel=2,
+        )
     optimizer = GrassOptimizer(
         model, config=cfg, lr=lr, betas=tuple(betas), eps=eps, weight_decay=wd, layers=layers
     )
@@ -178,10 +189,20 @@ class GrassCallback(TrainerCallback):
         return self.optimizer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self._grass(kwargs) is None:
+        opt = self._grass(kwargs)
+        if opt is None:
             warnings.warn(
                 "GrassCallback: the Trainer's optimizer is not a GrassOptimizer; pass "
                 "optimizers=create_grass_optimizer_and_scheduler(...) to the Trainer",
+                UserWarning,
+                stacklevel=2,
+            )
+            return control
+        left = opt.config.probe_steps - opt.probe_done  # (the steps still to probe)
+        if opt.probing and state.max_steps and state.max_steps - state.global_step <= left:
+            warnings.warn(
+                f"GrassCallback: {left} probing steps remain and the Trainer runs {state.max_steps - state.global_step} "
+                "more optimizer steps: every step probes and no weight will change; lower probe_steps or train longer",
                 UserWarning,
                 stacklevel=2,
             )

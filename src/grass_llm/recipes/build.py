@@ -19,7 +19,15 @@ import torch
 from torch import nn
 
 from grass_llm.activation_checkpointing import apply_activation_checkpointing
-from grass_llm.data import Batcher, DataError, build_loader, builtin_sample, builtin_tokenizer, load_records
+from grass_llm.data import (
+    Batcher,
+    DataError,
+    build_loader,
+    builtin_sample,
+    builtin_tokenizer,
+    load_records,
+    records_fingerprint,
+)
 from grass_llm.layers import LayerDiscoveryError, discover_layers
 from grass_llm.loss import ChunkedCausalLMLoss, chunked_loss_for
 from grass_llm.models import ModelLoadError, load_model_and_tokenizer, load_tiny_pretrained, tiny_llama
@@ -29,7 +37,7 @@ from grass_llm.recipes.methods import Method, MethodError, build_method, get_met
 from grass_llm.recipes.train_config import TrainConfig
 from grass_llm.schedule import build_lr_scheduler, warmup_after_delay
 
-__all__ = ["Batches", "TrainObjects", "build", "build_data", "load_model", "seed_everything"]
+__all__ = ["Batches", "DataIdentity", "TrainObjects", "build", "build_data", "load_model", "seed_everything"]
 
 
 @dataclass
@@ -50,6 +58,19 @@ class TrainObjects:
     total_steps: int
     hf_config: Any  # of the unwrapped model: under FSDP2 the final model is rebuilt from them
     generation_config: Any
+    data: DataIdentity  # what the run trains on (checked on resume)
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """The training data's content: its fingerprint (``data.records_fingerprint``) and record count."""
+
+    fingerprint: str
+    records: int
+    source: str  # the data setting (for messages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "records": self.records, "source": self.source}
 
 
 def build(
@@ -59,7 +80,7 @@ def build(
     seed_everything(cfg.seed)
     # FSDP2: the model is read into host memory and fully_shard moves each rank's shards to the device
     model, tokenizer = load_model(cfg, dtype, torch.device("cpu") if fsdp else device)
-    loader = build_data(cfg, tokenizer, data_file)
+    loader, data = build_data(cfg, tokenizer, data_file)
     method = get_method(cfg.method)
     try:
         num_layers = discover_layers(model, cfg.grass.layers).num_layers
@@ -85,6 +106,7 @@ def build(
         total_steps=total_steps,
         hf_config=hf_config,
         generation_config=generation_config,
+        data=data,
     )
 
 
@@ -132,8 +154,9 @@ def load_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> tu
     return model.to(device), tokenizer
 
 
-def build_data(cfg: TrainConfig, tokenizer: Any, data_file: Path | None) -> Batcher:
-    """Records -> tokenised examples -> a resumable ``data.Batcher``. DataError -> TrainInputError."""
+def build_data(cfg: TrainConfig, tokenizer: Any, data_file: Path | None) -> tuple[Batcher, DataIdentity]:
+    """Records -> tokenised examples -> a resumable ``data.Batcher``, and the records' identity.
+    DataError -> TrainInputError."""
     try:
         records = builtin_sample() if data_file is None else load_records(data_file)
         loader = build_loader(
@@ -150,7 +173,8 @@ def build_data(cfg: TrainConfig, tokenizer: Any, data_file: Path | None) -> Batc
         raise TrainInputError(str(e)) from None
     if len(loader) == 0:
         raise TrainInputError(f"data {cfg.data!r} gives no batch (batch_size={cfg.batch_size})")
-    return loader
+    source = cfg.data if data_file is None else str(data_file)
+    return loader, DataIdentity(records_fingerprint(records), len(records), source)
 
 
 class Batches:
@@ -168,12 +192,20 @@ class Batches:
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], data_changed: bool = False) -> str | None:
+        """Continue at ``state``'s position. On data that changed (``allow_data_change=true``) a position
+        that does not fit the new data continues at the start of the same epoch; returns what was done
+        then (None: the exact position)."""
+        self._it = None
         try:
             self.loader.load_state_dict(state)
+            return None
         except ValueError as e:
-            raise TrainInputError(f"cannot resume the data position: {e}") from None
-        self._it = None
+            if not data_changed:
+                raise TrainInputError(f"cannot resume the data position: {e}") from None
+        epoch = int(state.get("epoch", 0))
+        self.loader.load_state_dict({"epoch": epoch, "index": 0})
+        return f"the saved data position does not fit the changed data: continuing at the start of epoch {epoch}"
 
 
 def _build_method(

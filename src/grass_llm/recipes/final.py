@@ -16,6 +16,7 @@ from torch import nn
 from grass_llm.recipes.build import TrainObjects
 from grass_llm.recipes.errors import TrainFailed
 from grass_llm.recipes.launch import Launch
+from grass_llm.recipes.run_checkpoint import describe_error, file_mode
 from grass_llm.recipes.train_config import TrainConfig
 from grass_llm.run_layout import ADAPTER_DIR, FINAL_DIR
 
@@ -45,24 +46,51 @@ def unsharded_model(objs: TrainObjects, cfg: TrainConfig, launch: Launch, dtype:
 
 def write_final(objs: TrainObjects, cfg: TrainConfig, model: nn.Module, kept: str) -> tuple[Path, str]:
     """Write ``model`` (the method's ``save_final``) and the tokenizer into ``RUN/final`` through
-    ``RUN/final.tmp``; returns (the directory to load, its description). ``kept``: what a failure leaves."""
+    ``RUN/final.tmp``; returns (the directory to load, its description). ``kept``: what a failure leaves.
+
+    An earlier ``RUN/final`` is replaced only once the new one is complete (a rename); a write that
+    fails (disk full: an ``OSError``, or a writer's own ``RuntimeError`` / ``SafetensorError``) leaves
+    no ``final.tmp`` behind and ends the run with ``TrainFailed`` naming the directory."""
     final = cfg.run_dir / FINAL_DIR
     tmp = cfg.run_dir / f"{FINAL_DIR}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
         with _no_hf_progress_bar():  # transformers' "Writing model shards" bar
             objs.tokenizer.save_pretrained(tmp)
             out, kind = objs.method.save_final(model, tmp, cfg)
             if objs.method.adapters_only:
                 objs.tokenizer.save_pretrained(tmp / ADAPTER_DIR)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as e:
-        raise TrainFailed(f"cannot write the final model in {final}: {e}. {kept}") from None
+        mode = file_mode()
+        for f in tmp.rglob("*"):  # (safetensors creates its files 0600)
+            if f.is_file():
+                os.chmod(f, mode)
+        _replace(tmp, final)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainFailed(
+            f"cannot write the final model in {final}: {describe_error(e)}. {kept} Make room (or fix the "
+            "permissions), then continue with --resume"
+        ) from None
     return final / out.relative_to(tmp), kind.replace(str(tmp), str(final))
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """``tmp`` becomes ``final``; an earlier ``final`` is deleted only once the new one is in place."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f"{FINAL_DIR}.replaced.tmp")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -20,8 +20,15 @@ The plots (``out_dir/plots``) are drawn by ``grass-llm train`` once :func:`train
 
 What the run guarantees (tests/test_faults.py drives each case through the CLI):
 
+* one run per ``out_dir``: the run holds its lock (``grass_llm.recipes.run_lock``); another process
+  on it stops with exit code 2 naming the holder;
 * it never writes into an ``out_dir`` that holds an earlier run unless told to: ``--resume``
-  continues it, ``overwrite=true`` starts over (exit code 2 otherwise);
+  continues it, ``overwrite=true`` starts over (exit code 2 otherwise). Nothing is deleted before its
+  replacement is complete: ``overwrite=true`` sets the earlier run aside (``replaced-run-N``) once the
+  run is built and deletes it when the run is complete (``grass_llm.recipes.resume``); checkpoints and
+  the final model are written beside and renamed into place, and a failed write leaves no partial file;
+* the training data's content is fingerprinted in every checkpoint: ``--resume`` on changed data is
+  refused unless ``allow_data_change=true``;
 * ``--resume`` (anywhere on the command line; ``--resume=PATH`` for a given checkpoint) restores the
   weights, the optimizer (for GRASS: every layer's AdamW state, the MGN, the sampler and its RNG),
   the scheduler, the data position and the RNG states, so N steps + resume + N steps equals 2N steps
@@ -33,7 +40,8 @@ What the run guarantees (tests/test_faults.py drives each case through the CLI):
 * non-finite gradients: the step is skipped; ``max_nonfinite_steps`` in a row stop the run (exit code
   1) keeping the last checkpoint; non-finite weights are never saved;
 * SIGINT / SIGTERM: the step in flight completes, a checkpoint is saved, the resume command is
-  printed, exit code 130 / 143 (``grass_llm.recipes.interrupt``).
+  printed, exit code 130 / 143 (``grass_llm.recipes.interrupt``); during setup the run stops at once
+  (even when third-party code swallowed the stop), and an ``out_dir`` it created is removed again.
 
 The run directory's layout (``out_dir``, default ``runs/<method>``) is ``grass_llm.run_layout``'s.
 """
@@ -55,12 +63,13 @@ from grass_llm.recipes.build import Batches, TrainObjects, build
 from grass_llm.recipes.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, TrainFailed, TrainInputError
 from grass_llm.recipes.final import unsharded_model, write_final
 from grass_llm.recipes.heldout import heldout_accuracy
-from grass_llm.recipes.inputs import check_inputs, check_launch, resolve_device, threads
+from grass_llm.recipes.inputs import check_inputs, check_launch, remove_created, resolve_device, threads
 from grass_llm.recipes.interrupt import Interrupted, StopSignals, signal_name
 from grass_llm.recipes.launch import Launch, from_env
 from grass_llm.recipes.reporting import Reporter, pct
-from grass_llm.recipes.resume import Resume, open_resume, resume_changes
+from grass_llm.recipes.resume import Resume, delete_replaced, open_resume, resume_changes, set_aside
 from grass_llm.recipes.run_checkpoint import checkpoint_path
+from grass_llm.recipes.run_lock import RunDirBusy, RunDirLock
 from grass_llm.recipes.state import Progress, RecipeCheckpointer
 from grass_llm.recipes.step import StepOutput, train_step
 from grass_llm.recipes.train_config import TrainConfig, config_yaml
@@ -149,23 +158,56 @@ def train(
         from grass_llm.memory.fit import apply_memory_budget
 
         cfg = apply_memory_budget(cfg, resolve_device(cfg))
-    data_file = check_inputs(cfg)
-    launch, device = from_env(resolve_device(cfg))  # torchrun / accelerate: one process per device
+    data_file, created = check_inputs(cfg)
+    lock = RunDirLock(cfg.run_dir)
+    launch = None
     threads_before = torch.get_num_threads()
-    n_threads = threads(cfg, device)
-    if n_threads is not None:
-        torch.set_num_threads(n_threads)
     recipe = None
     try:
+        launch, device = from_env(resolve_device(cfg))  # torchrun / accelerate: one process per device
+        n_threads = threads(cfg, device)
+        if n_threads is not None:
+            torch.set_num_threads(n_threads)
+        _lock(lock, launch, device)
         recipe = FinetuneRecipe(cfg, launch, device, signals, resume_args)
         recipe.setup(data_file)
+        if signals is not None:
+            signals.check()  # (a stop raised during setup that third-party code swallowed)
         return recipe.run(t_start)
     except Interrupted as e:
         e.detail = recipe.where_stopped() if recipe is not None else ""
         raise
+    except Exception:
+        if signals is None or signals.raised is None:
+            raise
+        # a failure after a stop was raised is its consequence (third-party code converted it): the stop
+        stop = Interrupted(signals.raised, again=signals.received is not None)
+        stop.detail = recipe.where_stopped() if recipe is not None else ""
+        raise stop from None
     finally:
         torch.set_num_threads(threads_before)
-        launch.close()
+        lock.release()
+        remove_created(created)  # (a run that wrote nothing leaves no empty out_dir behind)
+        if launch is not None:
+            launch.close()
+
+
+def _lock(lock: RunDirLock, launch: Launch, device: torch.device) -> None:
+    """Rank 0 takes the out_dir's lock for the run (``grass_llm.recipes.run_lock``); every rank learns
+    whether it got it. Held by another process: ``TrainInputError`` naming it (exit code 2)."""
+    busy = None
+    if launch.is_main:
+        try:
+            lock.acquire()
+        except RunDirBusy as e:
+            busy = e
+    (n_busy,) = launch.sum([busy is not None], device)
+    if busy is not None:
+        raise TrainInputError(f"{busy}; wait for it to end, or choose another out_dir (nothing was changed)")
+    if n_busy:
+        raise TrainInputError(f"out_dir {str(lock.run_dir)!r} is in use by another process (see rank 0)")
+    if lock.took_over and launch.is_main:
+        print(f"out_dir: took over the lock left by pid {lock.took_over['pid']}, which is no longer running")
 
 
 def stopped_detail(phase: str, last_checkpoint: Path | None, resume_command: str) -> str:
@@ -188,10 +230,10 @@ class FinetuneRecipe:
         resume_args: list[str] | None = None,
     ) -> None:
         self.cfg, self.launch, self.device, self.signals = cfg, launch, device, signals
-        self.report = Reporter(cfg, launch, device)
+        self.progress = Progress()
+        self.report = Reporter(cfg, launch, device, kept=self.progress.kept)
         self.say = self.report.say
         self.resume_args = resume_args  # the CLI's arguments (None: called from Python)
-        self.progress = Progress()
         self.phase = "setup"
         self.skipped: list[int] = []  # steps skipped in this invocation
         self.streak = 0  # consecutive skipped steps
@@ -208,21 +250,27 @@ class FinetuneRecipe:
         cfg = self.cfg
         self.fsdp = check_launch(cfg, self.launch) == "fsdp2"
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        resume = open_resume(cfg, self.launch, self.device, self.say)
+        local_model = Path(cfg.model).expanduser()
+        inputs = tuple(p for p in (data_file, local_model if local_model.exists() else None) if p is not None)
+        start = open_resume(cfg, self.launch, self.device, self.say, inputs)
         self.objs = build(cfg, self.launch, self.device, self.dtype, self.fsdp, data_file)
         self.batches = Batches(self.objs.loader)
         self.checkpointer = RecipeCheckpointer(cfg, self.launch, self.device, self.objs, self.fsdp)
-        if resume is not None:
-            self._restore(resume)
+        if start.resume is not None:
+            self._restore(start.resume)
         elif self.heldout_n:
             self.progress.heldout_before = self.heldout_accuracy()
             self.say(
                 f"held-out accuracy before training: {pct(self.progress.heldout_before)} "
                 f"({self.heldout_n} arithmetic questions not in the training data)"
             )
+        # everything is built and checked: only now is anything of an earlier run replaced (set aside)
+        deferred = self.signals.deferred() if self.signals is not None else contextlib.nullcontext()
+        with deferred:
+            set_aside(cfg.run_dir, start, self.launch, self.say)
 
     def _restore(self, resume: Resume) -> None:
-        self.checkpointer.restore(resume, self.progress, self.batches)
+        self.checkpointer.restore(resume, self.progress, self.batches, self.say)
         step = self.progress.step
         self.say(f"resumed from {resume.path} at step {step}")
         if resume.changes:
@@ -359,6 +407,8 @@ class FinetuneRecipe:
             if step == total:  # (stop_at_step: the run goes on after --resume)
                 self.phase = "writing the final model"
                 final_dir, final_kind = self.save_final()
+                if self.launch.is_main:  # the run is complete: what overwrite=true replaced can go
+                    delete_replaced(self.cfg.run_dir, self.note)
                 if self.heldout_n and not self._stop_requested():
                     self.phase = "evaluating"
                     heldout = (self.progress.heldout_before, self.heldout_accuracy(), self.heldout_n)

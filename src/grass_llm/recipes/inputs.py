@@ -4,6 +4,7 @@ name, ``out_dir``, the device, the CPU threads and the process layout. Bad input
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,13 +16,23 @@ from grass_llm.recipes.errors import TrainInputError
 from grass_llm.recipes.launch import Launch, resolve_strategy
 from grass_llm.recipes.train_config import TrainConfig
 
-__all__ = ["BUILTIN_MODELS", "check_inputs", "check_launch", "check_out_dir", "resolve_device", "threads"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "check_inputs",
+    "check_launch",
+    "check_out_dir",
+    "remove_created",
+    "resolve_device",
+    "threads",
+]
 
 BUILTIN_MODELS = ("builtin:tiny-pretrained", "builtin:tiny")
 
 
-def check_inputs(cfg: TrainConfig) -> Path | None:
-    """File-system checks; returns the resolved data file (None: the built-in data)."""
+def check_inputs(cfg: TrainConfig) -> tuple[Path | None, list[Path]]:
+    """File-system checks; returns the resolved data file (None: the built-in data) and the directories
+    created for ``out_dir`` (outermost first; :func:`remove_created` takes them away again when the
+    run ends without writing anything into them)."""
     data_file: Path | None = None
     if cfg.data.startswith("builtin:"):
         if cfg.data != "builtin:arith":
@@ -42,26 +53,56 @@ def check_inputs(cfg: TrainConfig) -> Path | None:
             )
     elif looks_like_path(cfg.model) and not Path(cfg.model).expanduser().exists():
         raise TrainInputError(f"model path {cfg.model!r} does not exist")
-    check_out_dir(cfg.run_dir)
-    return data_file
+    return data_file, check_out_dir(cfg.run_dir)
 
 
-def check_out_dir(run_dir: Path) -> None:
-    """``out_dir`` must be a directory this process can write (created if missing)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainInputError(
-            f"out_dir {str(run_dir)!r} is a file; allowed: a directory (created if missing)"
-        )
+def _in_the_way(run_dir: Path) -> str | None:
+    """Why ``run_dir`` cannot be a directory: a dangling symbolic link or a file on its path (None: no
+    such reason)."""
+    for p in [*reversed(run_dir.parents), run_dir]:
+        if p.is_symlink() and not p.exists():
+            where = f"out_dir {str(run_dir)!r}" if p == run_dir else f"{str(p)!r} (in out_dir {str(run_dir)!r})"
+            return (
+                f"{where} is a symbolic link to {os.readlink(p)!r}, which does not exist; allowed: a "
+                "directory (created if missing), or a link to one"
+            )
+        if p == run_dir and p.exists() and not p.is_dir():
+            return f"out_dir {str(run_dir)!r} is a file; allowed: a directory (created if missing)"
+    return None
+
+
+def check_out_dir(run_dir: Path) -> list[Path]:
+    """``out_dir`` must be a directory this process can write (created if missing); returns the
+    directories this created, outermost first."""
+    reason = _in_the_way(run_dir)
+    if reason:
+        raise TrainInputError(reason)
+    created = [p for p in [*reversed(run_dir.parents), run_dir] if not p.exists() and not p.is_symlink()]
+    probe = run_dir / f".grass-llm-write-test-{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".grass-llm-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as e:
-        raise TrainInputError(
-            f"out_dir {str(run_dir)!r} is not writable: {e.strerror or e}"
-            + (f" ({e.filename})" if e.filename and str(e.filename) != str(run_dir) else "")
-        ) from None
+    except Exception as e:  # (OSError; a file system's own error)
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        remove_created(created)
+        if isinstance(e, OSError):
+            why = (e.strerror or str(e)) + (f" ({e.filename})" if e.filename and str(e.filename) != str(run_dir) else "")
+        else:
+            why = f"{type(e).__name__}: {e}"
+        raise TrainInputError(f"out_dir {str(run_dir)!r} is not writable: {why}") from None
+    return created
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove the directories :func:`check_out_dir` created, innermost first, as long as they are empty:
+    a refused run leaves no empty ``out_dir`` behind."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:

@@ -247,11 +247,44 @@ def _save_full(model: nn.Module, final: Path, cfg: MethodSettings) -> tuple[Path
 
 
 def _save_adapter(model: nn.Module, final: Path, cfg: MethodSettings) -> tuple[Path, str]:
-    model.save_pretrained(final / ADAPTER_DIR)
+    adapter = final / ADAPTER_DIR
+    model.save_pretrained(adapter)
+    _record_base(model, adapter, final, cfg.model)
     if cfg.lora.merge:
         model.merge_and_unload().save_pretrained(final)
         return final, f"merged {cfg.method} model + tokenizer; adapter alone in {final / ADAPTER_DIR}"
     return final / ADAPTER_DIR, f"{cfg.method} adapter + tokenizer (load on top of {cfg.model})"
+
+
+#: in an adapter directory: the base model, when it cannot be loaded by name (a built-in model)
+BASE_DIR = "base"
+
+
+def _record_base(model: nn.Module, adapter: Path, final: Path, base: str) -> None:
+    """Record in ``adapter/adapter_config.json`` a base the adapter can be loaded from: a local base by
+    its absolute path, a hub base by its name, a built-in base (which no loader knows by name) saved
+    beside the adapter in ``adapter/base`` (the base weights, before the adapters) and recorded by the
+    absolute path it has once ``final`` (written as ``final.tmp``) is in place."""
+    import json
+
+    local = Path(base).expanduser()
+    if base.startswith("builtin:"):
+        plain = {
+            k.replace(".base_layer.", "."): v
+            for k, v in model.get_base_model().state_dict().items()
+            if ".lora_" not in k
+        }
+        model.get_base_model().save_pretrained(adapter / BASE_DIR, state_dict=plain)
+        placed = final.with_name(final.name.removesuffix(".tmp"))
+        recorded = str((placed / ADAPTER_DIR / BASE_DIR).resolve())
+    elif local.exists():
+        recorded = str(local.resolve())
+    else:
+        return  # a hub name: peft recorded it
+    config = adapter / "adapter_config.json"
+    data = json.loads(config.read_text())
+    data["base_model_name_or_path"] = recorded
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 for _method in (

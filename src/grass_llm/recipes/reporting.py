@@ -7,15 +7,18 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from grass_llm.recipes.build import TrainObjects
+from grass_llm.recipes.errors import TrainFailed
 from grass_llm.recipes.launch import Launch
+from grass_llm.recipes.run_checkpoint import describe_error
 from grass_llm.recipes.step import StepOutput
 from grass_llm.recipes.train_config import TrainConfig
-from grass_llm.runlog import RunLogger
+from grass_llm.runlog import RunLogger, RunLogWriteError
 
 __all__ = ["Reporter", "fmt_bytes", "memory", "pct"]
 
@@ -59,8 +62,11 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
 class Reporter:
     """Rank 0's output of a run: ``say`` / ``note`` lines, the progress bar and the run log."""
 
-    def __init__(self, cfg: TrainConfig, launch: Launch, device: torch.device) -> None:
+    def __init__(
+        self, cfg: TrainConfig, launch: Launch, device: torch.device, kept: Callable[[], str] | None = None
+    ) -> None:
         self.cfg, self.launch, self.device = cfg, launch, device
+        self.kept = kept or (lambda: "")  # what a failed run leaves, for its error message
         self.say = print if launch.is_main else _quiet
         self.pbar: Any = None
         self.logger: RunLogger | None = None
@@ -95,7 +101,17 @@ class Reporter:
     def open_log(self, step: int) -> None:
         """Open the run log on rank 0, without the records after ``step`` (those of an earlier try)."""
         if self.launch.is_main:
-            self.logger = RunLogger(self.cfg.run_dir, tensorboard=self.cfg.tensorboard, resume_from=step)
+            try:
+                self.logger = RunLogger(self.cfg.run_dir, tensorboard=self.cfg.tensorboard, resume_from=step)
+            except (OSError, RuntimeError) as e:  # (a full disk; tensorboard's writer)
+                self._failed(
+                    RunLogWriteError(f"cannot write the run log in {self.cfg.run_dir}: {describe_error(e)}")
+                )
+
+    def _failed(self, e: OSError) -> None:
+        """A log that cannot be written ends the run (exit code 1), saying what is kept."""
+        kept = f" {self.kept()}" if self.kept() else ""
+        raise TrainFailed(f"{e}.{kept} Make room (or fix the out_dir), then continue with --resume")
 
     def open_bar(self, step: int, total: int) -> None:
         """The progress bar (rank 0 shows it, on stderr)."""
@@ -131,7 +147,10 @@ class Reporter:
             record["importance"] = objs.optimizer.importance
             record["probabilities"] = objs.optimizer.probabilities
         if self.logger is not None:
-            self.logger.log(record)
+            try:
+                self.logger.log(record)
+            except RunLogWriteError as e:
+                self._failed(e)
         layers = "probe" if out.phase == "probe" else ",".join(map(str, out.active))
         self.pbar.update(1)
         self.pbar.set_postfix(

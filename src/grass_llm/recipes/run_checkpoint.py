@@ -50,10 +50,13 @@ __all__ = [
     "SHARDED_DIR",
     "CheckpointError",
     "CheckpointIssue",
+    "CheckpointWriteError",
     "begin_checkpoint",
+    "checkpoint_entries",
     "checkpoint_path",
-    "delete_checkpoints",
+    "describe_error",
     "file_digests",
+    "file_mode",
     "find_latest_checkpoint",
     "find_resumable",
     "finish_checkpoint",
@@ -131,11 +134,63 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, an unwritable directory, a writer's own error such
+    as ``torch.save``'s ``RuntimeError`` or safetensors' ``SafetensorError``); the message names the file.
+    What the failed save had written is removed; every earlier checkpoint is as it was."""
+
+
+def describe_error(e: BaseException, path: str | os.PathLike[str] | None = None) -> str:
+    """What went wrong, in a few words: an OSError's text and file (``No space left on device
+    (RUN/final.tmp/config.json)``; the file left out when it is ``path``), else the exception's type
+    and message on one line."""
+    if isinstance(e, OSError) and e.strerror:
+        name = os.fsdecode(e.filename) if e.filename else None
+        return e.strerror + (f" ({name})" if name and name != os.fspath(path or "") else "")
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def file_mode() -> int:
+    """The mode a new file gets from this process's umask (0644 under the usual 022): writers that
+    create their files 0600 (safetensors) are brought in line with the rest."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+class _Recording:
+    """A file whose ``write`` remembers the ``OSError`` it raised: ``torch.save``'s writer turns that
+    error (a full disk) into a ``RuntimeError`` about stream positions, which names no cause."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def _write(path: Path, write) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write ``path`` with ``write(file)``, fsync'd; any failure is a ``CheckpointWriteError`` naming it
+    and its cause."""
+    f = None
+    try:
+        with open(path, "wb") as raw:
+            f = _Recording(raw)
+            write(f)
+            raw.flush()
+            os.fsync(raw.fileno())
+    except Exception as e:
+        cause = f.error if f is not None and f.error is not None else e
+        raise CheckpointWriteError(f"cannot write {path}: {describe_error(cause, path)}") from e
 
 
 def _sha256(path: Path) -> str:
@@ -149,9 +204,13 @@ def _sha256(path: Path) -> str:
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-    with open(path, "rb") as f:  # save_file does not fsync
-        os.fsync(f.fileno())
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+        os.chmod(path, file_mode())  # (save_file creates it 0600)
+        with open(path, "rb") as f:  # save_file does not fsync
+            os.fsync(f.fileno())
+    except Exception as e:
+        raise CheckpointWriteError(f"cannot write {path}: {describe_error(e, path)}") from e
 
 
 def begin_checkpoint(run_dir: Path, step: int, create: bool = True) -> Path:
@@ -191,13 +250,29 @@ def finish_checkpoint(
     hashed themselves (:func:`file_digests`); they are listed whether or not this process sees them yet."""
     root = Path(run_dir) / CHECKPOINT_DIR
     final = checkpoint_path(run_dir, step)
+    try:
+        _write_files(tmp, step, payload, config_yaml, known or {})
+        _put_in_place(root, tmp, final)
+    except BaseException as e:
+        # a failed (or interrupted) save leaves nothing behind that could fill the disk further; what
+        # was in place before is untouched (the rename is the last step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, CheckpointWriteError):
+            raise CheckpointWriteError(f"cannot write the checkpoint {final}: {describe_error(e)}") from e
+        raise
+    _fsync_dir(root)
+    _rotate(root, step)
+    return final
+
+
+def _write_files(tmp: Path, step: int, payload: dict[str, Any], config_yaml: str, known: dict[str, Any]) -> None:
+    """Every file of a checkpoint into ``tmp``, the manifest, then the marker; all fsync'd."""
     if "model" in payload:
         _save_safetensors(payload["model"], tmp / MODEL_FILE)
     for name in TORCH_FILES:
         if name in payload:
             _write(tmp / f"{name}.pt", lambda f, name=name: torch.save(payload[name], f))
     _write(tmp / "config.yaml", lambda f: f.write(config_yaml.encode()))
-    known = known or {}
     files = sorted({str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()} - set(known))
     entries = {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}
     manifest = {"format": FORMAT, "step": step, "files": dict(sorted({**entries, **known}.items()))}
@@ -209,18 +284,24 @@ def finish_checkpoint(
                 os.fsync(fh.fileno())
     for d in {tmp, *(f.parent for f in tmp.rglob("*") if f.is_file())}:
         _fsync_dir(d)
-    if final.exists():  # the same step saved again (e.g. resumed from a copy of this checkpoint)
+
+
+def _put_in_place(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``; a checkpoint of the same step already there (resumed
+    from a copy of it) is replaced only once the new one is in place."""
+    if final.exists():
         old = root / (final.name + ".replaced" + _TMP_SUFFIX)
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)  # (put the earlier one back)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
-    _rotate(root, step)
-    return final
 
 
 def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], config_yaml: str) -> Path:
@@ -245,18 +326,14 @@ def _rotate(root: Path, step: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def delete_checkpoints(run_dir: str | Path) -> None:
-    """``overwrite=true``: delete every entry of ``run_dir/checkpoints`` named like a checkpoint
-    (``step-N``, and ``step-N.<suffix>``: leftovers of saves, checkpoints set aside), then the directory
-    if nothing else is in it. Anything else there is left alone."""
+def checkpoint_entries(run_dir: str | Path) -> list[Path]:
+    """Every entry of ``run_dir/checkpoints`` named like a checkpoint (``step-N``, and ``step-N.<suffix>``:
+    leftovers of saves, checkpoints set aside): what ``overwrite=true`` replaces there. Anything else in
+    that directory is not the run's and is left alone."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
-        return
-    for d in root.iterdir():
-        if _ANY.match(d.name):
-            shutil.rmtree(d) if d.is_dir() else d.unlink()
-    with contextlib.suppress(OSError):
-        root.rmdir()  # only if nothing else is in it
+        return []
+    return sorted(d for d in root.iterdir() if _ANY.match(d.name))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,15 +372,18 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             return manifest
     for name, entry in files.items():
         f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{path} is damaged: {name} is missing")
-        size = f.stat().st_size
-        if size != entry.get("bytes"):
-            raise CheckpointError(
-                f"{path} is damaged: {name} has {size} bytes, the manifest says {entry.get('bytes')}"
-            )
-        if _sha256(f) != entry.get("sha256"):
-            raise CheckpointError(f"{path} is damaged: {name} does not match its checksum")
+        try:  # (a file can vanish meanwhile: another process rotating its checkpoints)
+            if not f.is_file():
+                raise CheckpointError(f"{path} is damaged: {name} is missing")
+            size = f.stat().st_size
+            if size != entry.get("bytes"):
+                raise CheckpointError(
+                    f"{path} is damaged: {name} has {size} bytes, the manifest says {entry.get('bytes')}"
+                )
+            if _sha256(f) != entry.get("sha256"):
+                raise CheckpointError(f"{path} is damaged: {name} does not match its checksum")
+        except OSError as e:
+            raise CheckpointError(f"{path} is unreadable: {name}: {e.strerror or e}") from None
     sharded = f"{SHARDED_DIR}/.metadata" in files
     required = {"state.pt"} | (
         {f"{SHARDED_DIR}/{SHARDED_OPTIMIZER_FILE}"} if sharded else {MODEL_FILE, "optimizer.pt"}

@@ -17,11 +17,13 @@ import torch
 from grass_llm.recipes.build import Batches, TrainObjects
 from grass_llm.recipes.errors import TrainFailed, TrainInputError
 from grass_llm.recipes.launch import Launch
-from grass_llm.recipes.resume import Resume, effective_lr
+from grass_llm.recipes.resume import Resume, check_data, effective_lr
 from grass_llm.recipes.run_checkpoint import (
     SHARDED_DIR,
+    CheckpointWriteError,
     begin_checkpoint,
     checkpoint_path,
+    describe_error,
     file_digests,
     finish_checkpoint,
     rng_state,
@@ -50,12 +52,23 @@ class Progress:
         """What a failed run leaves behind, for its error message."""
         if self.last_checkpoint is None:
             return "No checkpoint was written in this run."
+        if not self.last_checkpoint.is_dir():
+            return f"The last checkpoint, {self.last_checkpoint}, is gone (deleted from outside the run)."
         return f"The last checkpoint is {self.last_checkpoint}."
 
 
 def nonfinite(state: dict[str, Any]) -> list[str]:
     """Names of the floating-point tensors of ``state`` that are not finite."""
     return [n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _write_failed(path: Path, e: BaseException, kept: str) -> str:
+    """The message of a checkpoint that could not be written: which file and why, what is kept, what to do."""
+    what = str(e) if isinstance(e, CheckpointWriteError) else f"cannot write the checkpoint {path}: {describe_error(e)}"
+    return (
+        f"{what}. Nothing of this checkpoint was kept. {kept} Make room (or fix the permissions), then "
+        "continue with --resume"
+    )
 
 
 class RecipeCheckpointer:
@@ -84,6 +97,7 @@ class RecipeCheckpointer:
             "tokens_seen": progress.tokens_seen,
             "scheduler": objs.scheduler.state_dict(),
             "data": batches.state_dict(),
+            "data_identity": objs.data.to_dict(),
             "rng": rng_state(self.device),
             "config": self.cfg.to_dict(),
             "history": progress.history,
@@ -99,7 +113,7 @@ class RecipeCheckpointer:
                 try:
                     save_checkpoint(self.cfg.run_dir, step, payload, config_yaml(self.cfg, progress.history))
                 except OSError as e:
-                    raise TrainFailed(f"cannot write the checkpoint {path}: {e}. {progress.kept()}") from None
+                    raise TrainFailed(_write_failed(path, e, progress.kept())) from None
         self.launch.barrier()  # invariant: no rank goes on (or exits) before the checkpoint is complete
         progress.last_checkpoint = path
         return path
@@ -128,7 +142,7 @@ class RecipeCheckpointer:
                 history = state["history"]
                 finish_checkpoint(run_dir, step, tmp, {"state": state}, config_yaml(self.cfg, history), known)
         except (OSError, CheckpointException) as e:
-            raise TrainFailed(f"cannot write the checkpoint of step {step}: {e}. {kept()}") from None
+            raise TrainFailed(_write_failed(checkpoint_path(run_dir, step), e, kept())) from None
 
     # -- the model's state (the whole model, or the adapters) -------------------------------------
     def model_state(self) -> dict[str, Any]:
@@ -170,33 +184,51 @@ class RecipeCheckpointer:
             raise TrainInputError(f"checkpoint does not match the model; missing {result.missing_keys[:3]} ...")
 
     # -- restoring -------------------------------------------------------------------------------
-    def restore(self, resume: Resume, progress: Progress, batches: Batches) -> None:
+    def restore(self, resume: Resume, progress: Progress, batches: Batches, say: Callable[[str], None]) -> None:
         """Load ``resume``'s checkpoint into the objects, ``progress`` and ``batches``; a setting changed
-        on resume is applied from here on (and recorded in ``progress.history``)."""
-        objs, ckpt, state = self.objs, resume.ckpt, resume.ckpt["state"]
-        if "sharded" in ckpt:  # written by an FSDP2 run: DCP reshards to this run's processes
-            from grass_llm.distributed.sharded_checkpoint import load_sharded_checkpoint
-
-            load_sharded_checkpoint(ckpt["sharded"], objs.model, objs.optimizer)
-        else:
-            self._load_model_state(ckpt["model"])
-            optimizer_state = ckpt["optimizer"]
-            if self.fsdp and not objs.method.layer_wise:  # (GrassOptimizer shards full states itself)
-                from grass_llm.distributed.sharded_checkpoint import shard_like_params
-
-                optimizer_state = shard_like_params(optimizer_state, objs.optimizer)
-            objs.optimizer.load_state_dict(optimizer_state)
-        self._restore_schedule(state, resume.changes)
-        batches.load_state_dict(state["data"])
+        on resume is applied from here on (and recorded in ``progress.history``). A checkpoint that does
+        not fit this run (its data, model or optimizer state) is refused (``TrainInputError``); nothing on
+        disk has changed by then (``grass_llm.recipes.resume``)."""
+        ckpt, state = resume.ckpt, resume.ckpt["state"]
+        data_changed = check_data(state.get("data_identity"), self.objs.data.to_dict(), self.cfg, resume.path)
+        try:
+            self._load_weights_and_optimizer(ckpt)
+            self._restore_schedule(state, resume.changes)
+        except TrainInputError:
+            raise
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise TrainInputError(f"cannot resume from {resume.path}: it does not fit this run: {e}") from None
+        moved = batches.load_state_dict(state["data"], data_changed)
+        if data_changed:
+            progress_note = moved or "continuing at the saved data position"
+            say(f"resume: the training data changed since {resume.path} (allow_data_change=true): {progress_note}")
         progress.step = progress.start_step = int(state["step"])
         progress.tokens_seen = int(state["tokens_seen"])
         progress.heldout_before = state.get("heldout_before")
         progress.history = list(state.get("history", []))
         set_rng_state(state["rng"], self.device)
         progress.last_checkpoint = resume.path
-        if resume.changes:
-            changes = {k: list(v) for k, v in resume.changes.items()}
+        changes = {k: list(v) for k, v in resume.changes.items()}
+        if data_changed:
+            saved, now = state["data_identity"], self.objs.data.to_dict()
+            changes["data"] = [saved["fingerprint"][:12], now["fingerprint"][:12]]
+        if changes:
             progress.history.append({"step": progress.step, "changes": changes})
+
+    def _load_weights_and_optimizer(self, ckpt: dict[str, Any]) -> None:
+        objs = self.objs
+        if "sharded" in ckpt:  # written by an FSDP2 run: DCP reshards to this run's processes
+            from grass_llm.distributed.sharded_checkpoint import load_sharded_checkpoint
+
+            load_sharded_checkpoint(ckpt["sharded"], objs.model, objs.optimizer)
+            return
+        self._load_model_state(ckpt["model"])
+        optimizer_state = ckpt["optimizer"]
+        if self.fsdp and not objs.method.layer_wise:  # (GrassOptimizer shards full states itself)
+            from grass_llm.distributed.sharded_checkpoint import shard_like_params
+
+            optimizer_state = shard_like_params(optimizer_state, objs.optimizer)
+        objs.optimizer.load_state_dict(optimizer_state)
 
     def _restore_schedule(self, state: dict[str, Any], changes: dict[str, Any]) -> None:
         """The scheduler's position from the checkpoint; its shape (max_steps / epochs) and peak (lr)

@@ -47,7 +47,9 @@ def train_step(
     tokens. With N ranks the gradient all-reduce takes the mean, so each rank divides by (tokens of
     all ranks) / N: the mean of the ranks' gradients is then the gradient of the global token mean.
     A step whose gradients are not finite changes nothing (``GrassOptimizer`` skips it itself; for
-    the others the recipe does not call ``step()``) and is reported as ``skipped``.
+    the others the recipe does not call ``step()``), the LR schedule included (it counts completed
+    optimizer steps, so GRASS's warm-up starts at the first training step after probing), and is
+    reported as ``skipped``.
     """
     opt = objs.optimizer
     t0 = time.perf_counter()
@@ -59,7 +61,8 @@ def train_step(
     lr = opt.param_groups[0]["lr"]
     loss_sum, tokens = _forward_backward(objs, micro, n_items, cfg.compact_activations, device)
     skipped = _step_or_skip(objs, cfg.max_grad_norm)
-    objs.scheduler.step()
+    if not skipped:  # the schedule counts completed optimizer steps (a skipped one is repeated in probing)
+        objs.scheduler.step()
     opt.zero_grad(set_to_none=True)
     received = signals.received if signals is not None else None
     # one all-reduce: the loss, the tokens, and whether any rank was asked to stop

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -75,8 +76,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "built-in demo settings (configs/demo.yaml) are the base: `grass-llm train` alone fine-tunes a "
         "tiny pretrained Llama shipped with the package on a built-in arithmetic sample, on CPU, and "
         "prints its held-out accuracy before and after.\n\n"
-        "Exit codes: 0 done; 1 the run failed (diverged, could not write); 2 bad input (nothing trained); "
-        "130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint of the last step."
+        "Exit codes: 0 done; 1 the run failed (diverged, could not write); 2 bad input (nothing changed, "
+        "e.g. out_dir in use by another run, or --resume on changed data); 130 / 143 stopped by SIGINT / "
+        "SIGTERM after saving a checkpoint of the last step. Every failure is one line; set GRASS_LLM_DEBUG=1 "
+        "for the traceback of an unexpected one."
     )
     lines = [f"  {k:<30} {h}" for k, h in TrainConfig.help().items()]
     parser.epilog = (
@@ -142,9 +145,12 @@ def config_from_cli(
 
 
 def _checkpoint_to_resume(cfg: TrainConfig) -> Path | None:
-    """The checkpoint ``cfg.resume`` points at (auto: the newest intact one in out_dir), or None."""
+    """The checkpoint ``cfg.resume`` points at (auto: the newest intact one in out_dir), or None. A
+    given path that is no checkpoint is refused here, before its settings are needed."""
     if cfg.resume != "auto":
-        return Path(cfg.resume).expanduser()
+        from grass_llm.recipes.resume import check_resume_path
+
+        return check_resume_path(cfg.resume)
     from grass_llm.recipes.run_checkpoint import find_resumable
 
     if not cfg.run_dir.is_dir():
@@ -164,6 +170,8 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_cli(args.config, args.overrides, args.resume)
     except (TrainConfigError, TrainInputError) as e:
+        if getattr(args, "_signals", None) is not None:
+            args._signals.check()  # (a failure after a Ctrl-C that a library swallowed: the Ctrl-C)
         print(f"grass-llm train: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.print_config:
@@ -224,6 +232,12 @@ def _draw_plots(run_dir: Path) -> list[Path]:
         return []
 
 
+def _q(path: object) -> str:
+    """A path as a shell word (quoted when it holds spaces or other special characters): the summary's
+    paths are meant to be copied into commands."""
+    return shlex.quote(str(path))
+
+
 def _print_summary(r: TrainResult) -> None:
     loss = "n/a" if r.final_loss is None else f"{r.final_loss:.4f}"
     ran = f"{r.steps_run} steps in {r.seconds:.1f} s"
@@ -249,16 +263,16 @@ def _print_summary(r: TrainResult) -> None:
             f"  held-out accuracy: {what} ({n} arithmetic questions not in the training data, greedy decoding)"
         )
     if r.checkpoint is not None:
-        print(f"  checkpoint: {r.checkpoint}  (continue with --resume)")
-    print(f"  model:      {r.final_dir if r.final_dir is not None else '-'}  ({r.final_kind})")
-    print(f"  log:        {r.log_path}")
+        print(f"  checkpoint: {_q(r.checkpoint)}  (continue with --resume)")
+    print(f"  model:      {_q(r.final_dir) if r.final_dir is not None else '-'}  ({r.final_kind})")
+    print(f"  log:        {_q(r.log_path)}")
     tb = r.run_dir / TENSORBOARD_DIR
     if tb.exists():
-        print(f"  tensorboard: tensorboard --logdir {tb}")
+        print(f"  tensorboard: tensorboard --logdir {_q(tb)}")
     if r.plots:
-        print(f"  plots:      {r.plots[0].parent}/ ({', '.join(p.name for p in r.plots)})")
+        print(f"  plots:      {_q(str(r.plots[0].parent) + '/')} ({', '.join(p.name for p in r.plots)})")
         heatmap = [p for p in r.plots if p.name == "layers_heatmap.png"]
         if heatmap:
-            print(f"  layer heatmap: {heatmap[0]}  (which decoder layers trained at each step)")
+            print(f"  layer heatmap: {_q(heatmap[0])}  (which decoder layers trained at each step)")
     if r.interrupted is not None:
         print(f"  continue with: {r.resume_command}")

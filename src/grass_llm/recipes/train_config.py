@@ -85,7 +85,7 @@ RESUME_CHANGEABLE = (
     "distributed",
 )
 #: Settings of one invocation, never taken from the checkpoint being resumed.
-PER_INVOCATION = ("resume", "overwrite", "stop_at_step")
+PER_INVOCATION = ("resume", "overwrite", "stop_at_step", "allow_data_change")
 SCHEDULES = ("linear", "cosine", "constant")
 STRATEGIES = ("auto", "replicated", "fsdp2")
 #: GrassConfig keys that follow from top-level keys (``policy`` follows from the method)
@@ -281,9 +281,17 @@ class TrainConfig:
     overwrite: bool = field(
         default=False,
         metadata=_help(
-            "Start over in an out_dir that holds an earlier run, deleting its log, checkpoints, final model, "
-            "plots, TensorBoard events and eval results. Without it such an out_dir is refused (continue "
-            "the run with --resume instead)."
+            "Start over in an out_dir that holds an earlier run, replacing its log, checkpoints, final model, "
+            "plots, TensorBoard events and eval results: they are set aside in out_dir/replaced-run-N once "
+            "the new run starts and deleted once it is complete. Without it such an out_dir is refused "
+            "(continue the run with --resume instead)."
+        ),
+    )
+    allow_data_change: bool = field(
+        default=False,
+        metadata=_help(
+            "On --resume, continue although the training data's content differs from the checkpoint's "
+            "(its fingerprint is saved in every checkpoint; without this a changed dataset is refused)."
         ),
     )
     max_nonfinite_steps: int = field(
@@ -434,6 +442,7 @@ class TrainConfig:
             check_bool(name, getattr(self, name))
         check_bool("tensorboard", self.tensorboard)
         check_bool("overwrite", self.overwrite)
+        check_bool("allow_data_change", self.allow_data_change)
         check_bool("plots", self.plots)
         check_bool("distributed.shard_optimizer_states", self.distributed.shard_optimizer_states)
         check_choice("distributed.strategy", self.distributed.strategy, STRATEGIES)

@@ -26,13 +26,15 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "L0 foundation",
         "torch and the standard library only: shared helpers, the LR schedule, the run log and layout, "
-        "the memory tracker",
+        "the memory tracker (its storage labels and cuBLAS workspace sizes)",
         (
             "grass_llm._tensor",
             "grass_llm.schedule",
             "grass_llm.runlog",
             "grass_llm.run_layout",
             "grass_llm.memory.tracker",
+            "grass_llm.memory.origins",
+            "grass_llm.memory.workspaces",
         ),
     ),
     (
@@ -249,8 +251,9 @@ def test_no_import_cycle():
 
 def test_package_inits_do_not_pull_a_higher_layer_in():
     """Importing ``a.b.c`` first runs ``a/__init__.py`` and ``a/b/__init__.py``: one that imports
-    eagerly must not be above the importer (``grass_llm.memory`` eagerly imports the estimator, so
-    the library may not import ``grass_llm.memory.tracker`` through it)."""
+    eagerly must not be above the importer (were ``grass_llm/memory/__init__.py`` to import the
+    estimator eagerly, the library could not import ``grass_llm.memory.tracker``: it stays lazy)."""
+    assert "grass_llm.memory" not in EAGER_PACKAGES, "grass_llm/memory/__init__.py must import lazily"
     found = []
     for imps in IMPORTS.values():
         for i in imps:
@@ -271,9 +274,9 @@ def test_transitional_exceptions_are_still_needed():
 
 def test_importing_the_library_loads_no_application():
     """The same rule at run time: import every library module and look at what got loaded. (Not the
-    library modules that live in an application package whose ``__init__`` loads it: importing
-    ``grass_llm.memory.tracker`` runs ``grass_llm/memory/__init__.py``; the test above keeps the
-    library from importing those.)"""
+    library modules that live in an application package whose ``__init__`` loads it eagerly: the test
+    above keeps the library from importing those. ``grass_llm/memory/__init__.py`` is lazy, so
+    ``grass_llm.memory.tracker`` is imported here and must not load the estimator.)"""
     first = LAYER_INDEX[FIRST_APPLICATION_LAYER]
     library = sorted(
         m

@@ -133,7 +133,7 @@ def test_tracker_counts_one_cublas_workspace_per_thread_running_matmuls():
     ],
 )
 def test_workspace_sizes_follow_pytorch(env, gpu, cublas, cublaslt):
-    from grass_llm.memory.tracker import cublas_workspace_bytes, cublaslt_workspace_bytes
+    from grass_llm.memory.workspaces import cublas_workspace_bytes, cublaslt_workspace_bytes
 
     assert cublas_workspace_bytes(gpu, env) == cublas
     assert cublaslt_workspace_bytes(gpu, env) == cublaslt

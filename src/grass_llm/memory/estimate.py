@@ -57,14 +57,8 @@ from typing import Any
 
 import torch
 
-from grass_llm.memory.tracker import (
-    ALLOCATOR_ROUND,
-    CATEGORIES,
-    GPUS,
-    LiveBytesTracker,
-    cublas_workspace_bytes,
-    cublaslt_workspace_bytes,
-)
+from grass_llm.memory.tracker import ALLOCATOR_ROUND, CATEGORIES, LiveBytesTracker
+from grass_llm.memory.workspaces import GPUS, cublas_workspace_bytes, cublaslt_workspace_bytes
 
 __all__ = [
     "CATEGORIES",

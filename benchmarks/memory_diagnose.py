@@ -772,7 +772,8 @@ def main(argv: list[str] | None = None) -> int:
         res["seconds"] = round(time.time() - started, 1)
         write(res, args)
         return 0
-    from grass_llm.memory.estimate import MemoryEstimateError, _overrides, methods
+    from grass_llm.memory import MemoryEstimateError, methods
+    from grass_llm.memory.cli import parse_overrides
 
     if args.method not in methods():
         print(
@@ -781,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        overrides = _overrides(args.overrides)
+        overrides = parse_overrides(args.overrides)
     except MemoryEstimateError as e:
         print(f"memory_diagnose: error: {e}", file=sys.stderr)
         return 2

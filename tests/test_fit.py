@@ -106,12 +106,12 @@ def test_the_measured_shapes_are_those_of_the_benchmark_configs():
     finally:
         sys.path.remove(str(BENCH))
     targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-    for name, shape in F._MEASURED_SHAPES.items():
+    for name, shape in F.MEASURED_SHAPES.items():
         assert F.model_shape(model_config(name), targets, 128) == shape, name
 
 
 def test_recomputation_transfers_and_small_micro_batches_cost_time():
-    shape, model = F._MEASURED_SHAPES["LLaMA2-7B"], F.SPEED_MODEL
+    shape, model = F.MEASURED_SHAPES["LLaMA2-7B"], F.SPEED_MODEL
     base = F.Work(4096, 1024, 1, 22, 2, 0)
 
     def t(**kw):

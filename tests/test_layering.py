@@ -26,13 +26,15 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "L0 foundation",
         "torch and the standard library only: shared helpers, the LR schedule, the run log and layout, "
-        "the memory tracker",
+        "the memory tracker (its storage labels and cuBLAS workspace sizes)",
         (
             "grass_llm._tensor",
             "grass_llm.schedule",
             "grass_llm.runlog",
             "grass_llm.run_layout",
             "grass_llm.memory.tracker",
+            "grass_llm.memory.origins",
+            "grass_llm.memory.workspaces",
         ),
     ),
     (
@@ -81,7 +83,24 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 #: The library: everything below this layer. It never imports an application.
 FIRST_APPLICATION_LAYER = "L5 evaluation"
-APPLICATIONS = ("grass_llm.recipes", "grass_llm.evaluate", "grass_llm.plots", "grass_llm.cli", "grass_llm.memory.estimate")
+#: the applications (module prefixes); of ``grass_llm.memory``, all but the tracker and its two L0 helpers
+APPLICATIONS = (
+    "grass_llm.recipes",
+    "grass_llm.evaluate",
+    "grass_llm.plots",
+    "grass_llm.cli",
+    "grass_llm.memory.budget",
+    "grass_llm.memory.cli",
+    "grass_llm.memory.cuda",
+    "grass_llm.memory.estimate",
+    "grass_llm.memory.fake",
+    "grass_llm.memory.fit",
+    "grass_llm.memory.inputs",
+    "grass_llm.memory.model",
+    "grass_llm.memory.report",
+    "grass_llm.memory.result",
+    "grass_llm.memory.step",
+)
 
 #: Imports that break the rules on purpose, for a while: (importer, imported) -> why, and when it goes.
 #: An entry whose import is gone fails the test, so that it is removed with it.
@@ -223,6 +242,9 @@ def test_no_module_imports_a_higher_layer():
 def test_the_library_never_imports_its_applications():
     first = LAYER_INDEX[FIRST_APPLICATION_LAYER]
     assert all(_rank(m) >= first for m in MODULES if m.startswith(APPLICATIONS)), "an application in the library"
+    # (the lazy grass_llm/memory/__init__.py and __main__ import nothing at import time)
+    unlisted = [m for m in MODULES if _rank(m) >= first and not m.startswith(APPLICATIONS)]
+    assert set(unlisted) <= {"grass_llm.memory", "grass_llm.__main__"}, f"add to APPLICATIONS: {unlisted}"
     found = [
         f"{i.where()}: {i.importer} imports {i.imported}"
         for imps in IMPORTS.values()
@@ -249,8 +271,9 @@ def test_no_import_cycle():
 
 def test_package_inits_do_not_pull_a_higher_layer_in():
     """Importing ``a.b.c`` first runs ``a/__init__.py`` and ``a/b/__init__.py``: one that imports
-    eagerly must not be above the importer (``grass_llm.memory`` eagerly imports the estimator, so
-    the library may not import ``grass_llm.memory.tracker`` through it)."""
+    eagerly must not be above the importer (were ``grass_llm/memory/__init__.py`` to import the
+    estimator eagerly, the library could not import ``grass_llm.memory.tracker``: it stays lazy)."""
+    assert "grass_llm.memory" not in EAGER_PACKAGES, "grass_llm/memory/__init__.py must import lazily"
     found = []
     for imps in IMPORTS.values():
         for i in imps:
@@ -271,9 +294,9 @@ def test_transitional_exceptions_are_still_needed():
 
 def test_importing_the_library_loads_no_application():
     """The same rule at run time: import every library module and look at what got loaded. (Not the
-    library modules that live in an application package whose ``__init__`` loads it: importing
-    ``grass_llm.memory.tracker`` runs ``grass_llm/memory/__init__.py``; the test above keeps the
-    library from importing those.)"""
+    library modules that live in an application package whose ``__init__`` loads it eagerly: the test
+    above keeps the library from importing those. ``grass_llm/memory/__init__.py`` is lazy, so
+    ``grass_llm.memory.tracker`` is imported here and must not load the estimator.)"""
     first = LAYER_INDEX[FIRST_APPLICATION_LAYER]
     library = sorted(
         m
@@ -295,6 +318,8 @@ def test_importing_the_library_loads_no_application():
     [
         ("grass_llm.memory.tracker", "L0 foundation"),
         ("grass_llm.memory.estimate", "L6 workflows"),
+        ("grass_llm.memory.workspaces", "L0 foundation"),
+        ("grass_llm.memory.fit.search", "L6 workflows"),
         ("grass_llm.distributed.base", "L2 algorithm parts"),
         ("grass_llm.distributed.fsdp2", "L3 optimizer parts and backends"),
         ("grass_llm._optim.units", "L3 optimizer parts and backends"),

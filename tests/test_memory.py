@@ -16,6 +16,7 @@ import weakref
 import pytest
 import torch
 
+from grass_llm.memory import cli as C
 from grass_llm.memory import estimate as M
 
 pytest.importorskip("transformers")
@@ -133,7 +134,7 @@ def test_tracker_counts_one_cublas_workspace_per_thread_running_matmuls():
     ],
 )
 def test_workspace_sizes_follow_pytorch(env, gpu, cublas, cublaslt):
-    from grass_llm.memory.tracker import cublas_workspace_bytes, cublaslt_workspace_bytes
+    from grass_llm.memory.workspaces import cublas_workspace_bytes, cublaslt_workspace_bytes
 
     assert cublas_workspace_bytes(gpu, env) == cublas
     assert cublaslt_workspace_bytes(gpu, env) == cublaslt
@@ -400,8 +401,8 @@ def test_table_and_json(tiny):
 
 def _memory_cli(argv):
     parser = argparse.ArgumentParser()
-    M.add_cli_arguments(parser)
-    return M.cli_main(parser.parse_args(argv))
+    C.add_cli_arguments(parser)
+    return C.cli_main(parser.parse_args(argv))
 
 
 def test_cli_table_and_json(tiny_json, tmp_path, capsys):
@@ -526,7 +527,8 @@ def test_config_without_model_type(tmp_path):
 
 def test_import_is_torch_only():
     code = (
-        "import sys, grass_llm.memory; assert 'transformers' not in sys.modules and 'peft' not in sys.modules"
+        "import sys, grass_llm.memory.estimate, grass_llm.memory.fit, grass_llm.memory.cli; "
+        "assert 'transformers' not in sys.modules and 'peft' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -664,10 +666,10 @@ def test_cli_phase_probe_computes_only_the_probing_rows(tiny_json, tmp_path, mon
         measured.append(k.get("phase", "train"))
         return 12345
 
-    monkeypatch.setattr(M, "estimate_memory", estimate)
-    monkeypatch.setattr(M, "measure_cuda_step", measure)
-    monkeypatch.setattr(M.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(M, "cuda_gpu", lambda device=None: "hopper")
+    monkeypatch.setattr(C, "estimate_memory", estimate)
+    monkeypatch.setattr(C, "measure_cuda_step", measure)
+    monkeypatch.setattr(C.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(C, "cuda_gpu", lambda device=None: "hopper")
     out = tmp_path / "mem.json"
     argv = ["--model", str(tiny_json), "--method", "grass,fft", "--seq-len", "32", "--json", str(out)]
     assert _memory_cli([*argv, "--phase", "probe", "--measure"]) == 0

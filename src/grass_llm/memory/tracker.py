@@ -15,8 +15,8 @@ Two things a CUDA run holds that are no op's output are modelled, so that the pe
   backward, so a training step holds two. With ``cublas_workspace`` set, the first matmul of forward and
   the first of backward each add one block of that size (category ``workspaces``), kept from then on; an
   ``addmm`` with a 1-D bias (``F.linear`` with a bias) runs on cuBLASLt, whose own workspace
-  (``cublaslt_workspace``) is added the same way. :func:`cublas_workspace_bytes` and
-  :func:`cublaslt_workspace_bytes` size them as PyTorch does.
+  (``cublaslt_workspace``) is added the same way. :mod:`grass_llm.memory.workspaces` sizes them as
+  PyTorch does.
 * **In-place gradient accumulation.** When two gradients of one tensor meet in autograd's input buffer
   (a tied weight used by the embedding and the head, a residual stream), plain autograd adds one into
   the other in place; under any Python dispatch mode (this one, ``FakeTensorMode``) it allocates the sum
@@ -27,82 +27,30 @@ Two things a CUDA run holds that are no op's output are modelled, so that the pe
 With ``origins=True`` each storage also keeps a label of what made it (the op, the section of the
 step, the module or autograd node), and :meth:`~LiveBytesTracker.peak_storages` lists the storages
 live at the peak: the diagnostic view that ``benchmarks/memory_diagnose.py`` compares with the CUDA
-caching allocator's own record of a real step.
+caching allocator's own record of a real step. The labels are :mod:`grass_llm.memory.origins`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import sys
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_leaves
+from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = [
-    "ALLOCATOR_ROUND",
-    "CATEGORIES",
-    "CUBLASLT_WORKSPACE_DEFAULT",
-    "CUBLAS_WORKSPACE_DEFAULT",
-    "GPUS",
-    "LiveBytesTracker",
-    "cublas_workspace_bytes",
-    "cublaslt_workspace_bytes",
-]
+from grass_llm.memory.origins import Origins
+from grass_llm.memory.workspaces import BLAS_OPS
+
+__all__ = ["ALLOCATOR_ROUND", "CATEGORIES", "LiveBytesTracker"]
 
 #: Memory categories of the breakdown, in report order (``workspaces``: cuBLAS / cuBLASLt workspaces).
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "workspaces")
 ALLOCATOR_ROUND = 512  # bytes: the CUDA caching allocator rounds every block up to a multiple of this
-
-#: PyTorch's cuBLAS workspace per (handle, stream) when ``CUBLAS_WORKSPACE_CONFIG`` is not set
-#: (``CublasHandlePool.cpp``, ``parseChosenWorkspaceSize``): 32 MiB on Hopper (compute capability 9.0,
-#: H100 / H200), else ``:4096:2:16:8`` (2 x 4 MiB + 8 x 16 KiB).
-CUBLAS_WORKSPACE_DEFAULT = {"hopper": 32 * 2**20, "other": 2 * 4096 * 1024 + 8 * 16 * 1024}
-#: The GPUs the estimate can stand for: ``hopper`` (sm90) and ``other`` (every other NVIDIA GPU).
-GPUS = tuple(CUBLAS_WORKSPACE_DEFAULT)
-#: cuBLASLt's workspace per (handle, stream) without ``CUBLASLT_WORKSPACE_SIZE``: 1024 KiB.
-CUBLASLT_WORKSPACE_DEFAULT = 1024 * 1024
-
-
-def cublas_workspace_bytes(gpu: str = "hopper", env: Mapping[str, str] | None = None) -> int:
-    """Bytes of one cuBLAS workspace, as PyTorch chooses them: ``CUBLAS_WORKSPACE_CONFIG`` when set (the sum
-    of SIZE KiB x COUNT over its ``:SIZE:COUNT`` pairs; PyTorch falls back to the default when none parses),
-    else the default of ``gpu`` (:data:`CUBLAS_WORKSPACE_DEFAULT`). ``env``: default ``os.environ``."""
-    if gpu not in CUBLAS_WORKSPACE_DEFAULT:
-        raise ValueError(f"gpu={gpu!r} is invalid; allowed: {', '.join(GPUS)}")
-    value = (os.environ if env is None else env).get("CUBLAS_WORKSPACE_CONFIG")
-    pairs = re.findall(r":([0-9]+):([0-9]+)", value or "")
-    if not pairs:
-        return CUBLAS_WORKSPACE_DEFAULT[gpu]
-    return sum(int(size) * 1024 * int(count) for size, count in pairs)
-
-
-def cublaslt_workspace_bytes(gpu: str = "hopper", env: Mapping[str, str] | None = None) -> int:
-    """Bytes of one cuBLASLt workspace, as PyTorch chooses them: ``CUBLASLT_WORKSPACE_SIZE`` KiB (default
-    1024), at most the cuBLAS workspace; 0 with ``TORCH_CUBLASLT_UNIFIED_WORKSPACE=1`` (cuBLASLt then uses
-    the cuBLAS workspace of its handle and stream)."""
-    env = os.environ if env is None else env
-    if env.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE", "").strip().lower() in ("1", "true", "on", "yes"):
-        return 0
-    try:
-        size = int(env.get("CUBLASLT_WORKSPACE_SIZE", "")) * 1024
-    except ValueError:
-        size = CUBLASLT_WORKSPACE_DEFAULT
-    return min(size, cublas_workspace_bytes(gpu, env))
-
-
-#: ops that run on cuBLAS on a CUDA device (addmm with a 1-D bias: cuBLASLt)
-_BLAS_OPS = frozenset(
-    getattr(torch.ops.aten, name)
-    for name in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "addr")
-)
 
 
 class _Entry:
@@ -116,10 +64,6 @@ class _Entry:
         #: an in-place accumulation not settled yet: the sum's entry (on its operands) / its operands' keys
         self.borrower: _Entry | None = None
         self.lenders: tuple[int, ...] = ()
-
-
-_NODE_KEY = "grass_module"  # autograd node metadata: the module whose forward made the node
-_THIS_FILE = os.path.normcase(os.path.abspath(__file__))
 
 
 class LiveBytesTracker(TorchDispatchMode):
@@ -137,12 +81,8 @@ class LiveBytesTracker(TorchDispatchMode):
     Works with real tensors and with fake tensors alike.
 
     ``origins=True`` (diagnostics; slower) labels every storage with what made it:
-    ``"<section> <phase> <module> <node> <op>"``, where ``section`` is set by :meth:`section` (the
-    estimator marks forward, backward, clip, optimizer, zero_grad), ``phase`` is ``fwd``, ``bwd`` or
-    ``recompute`` (a checkpointed forward run again in backward), ``module`` the innermost module
-    running (forward) or the one whose forward made the autograd node (backward; needs
-    :meth:`label_modules`), ``node`` the autograd node running, ``op`` the aten op; ops outside any
-    module carry the innermost calling line outside torch instead of a module. Tensors given to
+    ``"<section> <phase> <module> <node> <op>"`` (:mod:`grass_llm.memory.origins`; ``section`` is set by
+    :meth:`section`, modules are named under :meth:`label_modules`). Tensors given to
     :meth:`track` with ``names`` carry their names (``weight model.layers.0.mlp.up_proj.weight``).
 
     ``cublas_workspace`` / ``cublaslt_workspace``: the bytes of one cuBLAS / cuBLASLt workspace, added at the
@@ -175,8 +115,7 @@ class LiveBytesTracker(TorchDispatchMode):
         self._applied: Any = None  # the autograd node whose outputs are being summed into input buffers
         #: origins=True: every storage counted, in order (``ptr``, ``nbytes``, ``origin``, final ``category``)
         self.allocations: list[_Entry] = []
-        self._section = ""
-        self._module_stack: list[str] = []
+        self._origins = Origins()  # what made each storage (origins=True)
         self.category = "activations"
         self.current = 0
         self.peak = 0
@@ -218,49 +157,14 @@ class LiveBytesTracker(TorchDispatchMode):
         """Move the storage of each tensor to ``category`` (tracking it if it is not yet)."""
         self.track(tensors, category)
 
-    @contextlib.contextmanager
-    def section(self, name: str) -> Iterator[None]:
+    def section(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Label the storages made inside the block with ``name`` (``origins`` only)."""
-        previous, self._section = self._section, name
-        try:
-            yield
-        finally:
-            self._section = previous
+        return self._origins.section(name)
 
-    @contextlib.contextmanager
-    def label_modules(self, model: torch.nn.Module) -> Iterator[None]:
+    def label_modules(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
         """While active, ops are labelled with the innermost module of ``model`` running, and each
         autograd node made in a module's forward carries that module's name into backward."""
-        handles = []
-        for name, module in model.named_modules():
-            label = name or type(module).__name__
-            handles.append(module.register_forward_pre_hook(partial(self._enter_module, label)))
-            handles.append(module.register_forward_hook(partial(self._leave_module, label), always_call=True))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            self._module_stack.clear()
-
-    def _enter_module(self, label: str, module, args) -> None:
-        self._module_stack.append(label)
-
-    def _leave_module(self, label: str, module, args, output) -> None:
-        if self._module_stack and self._module_stack[-1] == label:
-            self._module_stack.pop()
-        # the nodes this forward made (inner modules labelled theirs first): walk back to labelled ones
-        todo = [t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-        while todo:
-            node = todo.pop()
-            try:
-                meta = node.metadata
-            except (AttributeError, RuntimeError):
-                continue
-            if _NODE_KEY in meta:
-                continue
-            meta[_NODE_KEY] = label
-            todo.extend(n for n, _ in node.next_functions if n is not None)
+        return self._origins.label_modules(model)
 
     @contextlib.contextmanager
     def backward_of(self, *roots: torch.Tensor) -> Iterator[None]:
@@ -374,7 +278,7 @@ class LiveBytesTracker(TorchDispatchMode):
                     if self.origins and origin is None:
                         origin = self._origin(func)
                     self._add(t, self.category, retag=False, origin=origin)
-        if func.overloadpacket in _BLAS_OPS and (self.cublas_workspace or self.cublaslt_workspace):
+        if func.overloadpacket in BLAS_OPS and (self.cublas_workspace or self.cublaslt_workspace):
             thread = "backward" if backward else "forward"
             self._workspace("cuBLAS", thread, self.cublas_workspace)
             bias = args[0] if args else None
@@ -433,23 +337,7 @@ class LiveBytesTracker(TorchDispatchMode):
             return None
 
     def _origin(self, func) -> str:
-        backward = torch._C._current_graph_task_id() != -1
-        node = torch._C._current_autograd_node() if backward else None
-        phase = ("recompute" if self._module_stack else "bwd") if backward else "fwd"
-        module = self._module_stack[-1] if self._module_stack else ""
-        node_name = ""
-        if node is not None:
-            node_name = node.name()
-            if not module:
-                with contextlib.suppress(AttributeError, RuntimeError):
-                    module = node.metadata.get(_NODE_KEY, "")
-        if not module:
-            module = _caller()
-        parts = [self._section or "-", phase, module or "-"]
-        if node_name:
-            parts.append(node_name)
-        parts.append(str(func))
-        return " ".join(parts)
+        return self._origins.label(func)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     @staticmethod
@@ -539,13 +427,3 @@ class LiveBytesTracker(TorchDispatchMode):
             self._peak_entries = [(e, e.nbytes) for e in self._live.values()]
         self._peak_pending = False
 
-
-def _caller() -> str:
-    """``file.py:line`` of the innermost Python frame outside torch and this module (or "")."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        path = os.path.normcase(frame.f_code.co_filename)
-        if path != _THIS_FILE and f"{os.sep}torch{os.sep}" not in path and "<" not in path:
-            return f"{os.path.basename(path)}:{frame.f_lineno}"
-        frame = frame.f_back
-    return ""

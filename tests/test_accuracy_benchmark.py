@@ -101,6 +101,7 @@ def test_accuracy_smoke_skips_badam_row_without_the_package(smoke: dict[str, Pat
     assert "| BAdam (badam pkg) |" not in md
 
 
+@pytest.mark.slow
 def test_accuracy_split_by_task_merges_to_the_same_numbers(smoke: dict[str, Path], tmp_path: Path) -> None:
     """The main study run as one process per task (side by side, for the wall time) and merged by
     ``accuracy_report.py --merge`` gives the numbers of one run over both tasks."""

@@ -144,6 +144,7 @@ def test_help_lists_the_checks(gpu_check, capsys):
     assert sys.modules["gpu_check"] is gpu_check
 
 
+@pytest.mark.slow  # (gpu_all.sh runs gpu_check, whose dry run the test above runs)
 def test_gpu_all_dry_run(tmp_path):
     """The one GPU command's dry run: the CUDA tests (skipped without CUDA), then gpu_check, into $OUT (4 files,
     the short table last)."""

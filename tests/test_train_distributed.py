@@ -211,7 +211,7 @@ def _pids_of_rank(tag: str, rank: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the rank")
-@pytest.mark.parametrize("strategy", ["replicated", "fsdp2"])
+@pytest.mark.parametrize("strategy", [pytest.param("replicated", marks=pytest.mark.slow), "fsdp2"])
 def test_killed_rank_leaves_last_checkpoint_intact(tmp_path, strategy):
     tag = uuid.uuid4().hex
     args = [
@@ -311,7 +311,7 @@ def test_fsdp2_resumes_two_one_two(fsdp2_run, tmp_path):
     _assert_weights_close(_weights(tmp_path / "r"), _weights(root / "fsdp2"))
 
 
-@pytest.mark.parametrize("method", ["fft", "lora"])
+@pytest.mark.parametrize("method", ["fft", pytest.param("lora", marks=pytest.mark.slow)])
 def test_fsdp2_baselines_equal_one_process(tmp_path, method):
     """FFT and LoRA (peft) on FSDP2 (accumulation without reduce-scatter, clipping over the shards),
     picked by accelerate's FSDP2 environment, equal one process; LoRA is also stopped and resumed."""

@@ -146,8 +146,8 @@ def test_help_lists_the_checks(gpu_check, capsys):
 
 @pytest.mark.slow  # (gpu_all.sh runs gpu_check, whose dry run the test above runs)
 def test_gpu_all_dry_run(tmp_path):
-    """The one GPU command's dry run: the CUDA tests (skipped without CUDA), then gpu_check, into $OUT (4 files,
-    the short table last)."""
+    """The one GPU command's dry run: the CUDA tests (skipped without CUDA), gpu_check, then fit_check's plan
+    run, into $OUT (4 files and fit/, the short table last)."""
     env = {
         **os.environ,
         "OUT": str(tmp_path),
@@ -162,12 +162,15 @@ def test_gpu_all_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "cuda-tests.log",
+        "fit",
         "gpu_all.log",
         "gpu_check.json",
         "gpu_check.md",
     ]
+    assert sorted(p.name for p in (tmp_path / "fit").iterdir()) == ["fit_check.json", "fit_check.md"]
     log = (tmp_path / "gpu_all.log").read_text()
     assert "== cuda tests rc=0" in log and "== gpu_check rc=0" in log and "commit abc1234" in log
+    assert "== fit_check rc=0" in log and "fit_check rc=0" in log.splitlines()[-1]
     assert proc.stdout.strip().splitlines()[-1].startswith("  tput tiny")
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert res["commit"] == "abc1234" and [r["method"] for r in res["memory"] + res["throughput"]] == ["fft", "fft"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -70,6 +71,31 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
     assert proc.returncode == 0, err
     assert f"out_dir: took over the lock left by pid {killed}, which is no longer running" in out
     assert not (run / ".grass-llm.lock").exists()
+
+
+def test_a_lock_found_before_its_holder_wrote_itself_in_still_names_the_holder(tmp_path):
+    """The holder writes its pid just after it takes the lock (CI met the gap on a loaded machine: the
+    second process said "it is starting"); one that never writes is called starting, after a moment."""
+    import fcntl
+    import threading
+
+    from grass_llm.recipes.run_lock import RunDirBusy, RunDirLock
+
+    fd = os.open(tmp_path / ".grass-llm.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a second open file description: a second holder
+    try:
+        with pytest.raises(RunDirBusy) as never:
+            RunDirLock(tmp_path).acquire()
+        assert never.value.holder == "another grass-llm process (it is starting)"
+        info = json.dumps({"pid": 4321, "host": "h", "started": "then", "command": "grass-llm train x"})
+        writer = threading.Timer(0.3, lambda: os.pwrite(fd, info.encode(), 0))
+        writer.start()
+        with pytest.raises(RunDirBusy) as late:
+            RunDirLock(tmp_path).acquire()
+        writer.join()
+        assert late.value.holder == "another grass-llm train (pid 4321 on h, running since then: grass-llm train x)"
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------

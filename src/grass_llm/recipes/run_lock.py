@@ -13,6 +13,8 @@ Invariants:
   file just before (and waits for nothing: the lock is non-blocking) checks, once it holds the lock,
   that the file it locked is still the one at the path (same inode) and tries again otherwise, so two
   processes never both believe they hold it;
+* the holder writes itself into the file only after it holds the lock, so a process that finds the lock
+  held may read the file before it is written: it reads again for a moment before naming no holder;
 * on a file system without ``flock`` (some network mounts) the run goes on unlocked, with a warning.
 """
 
@@ -23,6 +25,7 @@ import json
 import os
 import socket
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -74,7 +77,7 @@ class RunDirLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                info = self._read(fd)
+                info = self._read_holder(fd)
                 os.close(fd)
                 raise RunDirBusy(self.run_dir, _describe(info)) from None
             except OSError as e:  # (ENOLCK, EOPNOTSUPP: a file system without flock)
@@ -100,6 +103,15 @@ class RunDirLock:
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self._fd = fd
         return self
+
+    @classmethod
+    def _read_holder(cls, fd: int, wait_s: float = 2.0) -> dict[str, Any]:
+        """The holder of a lock held by another process. The holder writes itself in just after it took
+        the lock, so a lock found empty is read again for up to ``wait_s`` before it is called starting."""
+        deadline = time.monotonic() + wait_s
+        while not (info := cls._read(fd)).get("pid") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return info
 
     @staticmethod
     def _read(fd: int) -> dict[str, Any]:

@@ -26,6 +26,9 @@ VARIANTS = {
     "period": {"offload": "period"},
     "clip": {"max_grad_norm": 0.05},
 }
+# the one-process references on one thread, as the ranks run (OMP_NUM_THREADS=1): the same kernels, and no
+# contention with the other tests' threads on a 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def global_batches(n: int, bs: int = 8, seq: int = 8, seed: int = 1) -> list[torch.Tensor]:

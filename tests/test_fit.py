@@ -387,6 +387,19 @@ def test_train_applies_exactly_the_plan(tmp_path):
     assert resume_changes(read_checkpoint_config(checkpoint), again, checkpoint, 3) == {}  # nothing refused
 
 
+def test_a_bare_number_budget_is_gib_in_train_as_in_its_messages():
+    """memory_budget=24 (the command line or YAML load it as the int 24) is 24 GiB, as the config's check and
+    every message read it; it was planned as 24 bytes and refused ("nothing fits 0.0 MiB")."""
+    from grass_llm.recipes.train_config import load_train_config
+
+    plans = [
+        F.plan_for_train_config(load_train_config(overrides=[*TRAIN, f"memory_budget={v}"]))
+        for v in ("24", "24.0", "24GiB")
+    ]
+    assert {p.budget for p in plans} == {24 * 2**30}
+    assert all(p.fits for p in plans) and all(p.settings == plans[0].settings for p in plans)
+
+
 def test_train_refuses_when_nothing_fits_and_writes_nothing(tmp_path, capsys):
     from grass_llm.cli import main
 

@@ -36,9 +36,13 @@ def plan_for_train_config(cfg: Any) -> FitPlan:
         overrides.update({f"grass.{k}": v for k, v in d["grass"].items() if k not in _NOT_PASSED_GRASS})
     if cfg.method in ("lora", "dora"):
         overrides.update({f"lora.{k}": v for k, v in d["lora"].items() if k not in ("rank", "merge")})
+    try:  # a bare number is GiB here as in every message (plan() itself reads an int as bytes)
+        budget = parse_budget("memory_budget", cfg.memory_budget)
+    except ValueError as e:
+        raise FitError(str(e)) from None
     return plan(
         _planning_config(cfg),
-        cfg.memory_budget,
+        budget,
         cfg.method,
         batch_size=cfg.batch_size * cfg.grad_accum,
         seq_len=cfg.max_length,

@@ -98,6 +98,31 @@ def test_a_lock_found_before_its_holder_wrote_itself_in_still_names_the_holder(t
         os.close(fd)
 
 
+def test_the_plots_are_drawn_while_the_run_holds_its_out_dir(tmp_path, capsys, monkeypatch):
+    """grass-llm train draws its plots from out_dir/log.jsonl into out_dir/plots: another run (overwrite=true)
+    that took the directory in between would have its log plotted and its run set aside. Found by review:
+    the lock was released before the plots were drawn."""
+    import grass_llm.plots as plots
+    from grass_llm.recipes.run_lock import RunDirBusy, RunDirLock
+
+    seen = []
+    real = plots.plot_run
+
+    def plot_run(run_dir, *a, **kw):
+        try:
+            RunDirLock(run_dir).acquire().release()
+            seen.append("free")
+        except RunDirBusy:
+            seen.append("held")
+        return real(run_dir, *a, **kw)
+
+    monkeypatch.setattr(plots, "plot_run", plot_run)
+    rc, out, err = train(capsys, *FAST, "max_steps=2", "plots=true", f"out_dir={tmp_path / 'run'}")
+    assert rc == 0, err
+    assert seen == ["held"] and (tmp_path / "run" / "plots").is_dir() and "plots:" in out
+    assert not (tmp_path / "run" / ".grass-llm.lock").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # the training data's fingerprint
 def _write_json(path: Path, records: list[dict]) -> Path:

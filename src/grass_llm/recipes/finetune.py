@@ -15,8 +15,8 @@ the modules beside it:
   (``state``, ``grass_llm.recipes.run_checkpoint``), the final model + tokenizer (``final``);
 * ``heldout_accuracy()``: the demo's held-out arithmetic accuracy before and after (``heldout``).
 
-The plots (``out_dir/plots``) are drawn by ``grass-llm train`` once :func:`train` has returned
-(``grass_llm.recipes.train_cli``); from Python, ``grass_llm.plots.plot_run(result.run_dir)``.
+The plots (``out_dir/plots``) are drawn by ``grass-llm train`` (``grass_llm.recipes.train_cli``) through
+:func:`train`'s ``finish``, while the run still holds its out_dir; from Python, ``grass_llm.plots.plot_run(result.run_dir)``.
 
 What the run guarantees (tests/test_faults.py drives each case through the CLI):
 
@@ -52,6 +52,7 @@ import contextlib
 import shlex
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,7 @@ class TrainResult:
     final_dir: Path | None
     final_kind: str
     log_path: Path
-    plots: list[Path] = field(default_factory=list)  # drawn by grass-llm train after train() returns
+    plots: list[Path] = field(default_factory=list)  # drawn by grass-llm train (train()'s finish)
     seconds: float = 0.0
     start_step: int = 0  # the step this invocation started from (the checkpoint's, when resuming)
     skipped_steps: list[int] = field(default_factory=list)  # steps skipped (non-finite gradients) in this invocation
@@ -144,14 +145,19 @@ class TrainResult:
 
 
 def train(
-    cfg: TrainConfig, signals: StopSignals | None = None, resume_args: list[str] | None = None
+    cfg: TrainConfig,
+    signals: StopSignals | None = None,
+    resume_args: list[str] | None = None,
+    finish: Callable[[TrainResult], TrainResult] | None = None,
 ) -> TrainResult:
     """Run the training job described by ``cfg``.
 
     Bad input raises ``TrainInputError`` before training; a run that cannot finish raises
     ``TrainFailed``; with ``signals`` (installed by the CLI), SIGINT / SIGTERM end the run after the
     step in flight with a checkpoint (``TrainResult.interrupted``), or raise ``Interrupted`` while
-    nothing can be saved yet (setup) or on a second signal.
+    nothing can be saved yet (setup) or on a second signal. ``finish`` (the main process only; ``grass-llm
+    train`` draws the plots with it) runs on the result while the out_dir's lock is still held, so no other
+    run can take the directory before it is done; an ``Interrupted`` it raises keeps its own ``detail``.
     """
     t_start = time.perf_counter()
     if cfg.memory_budget is not None:  # the fastest settings that fit, chosen before anything is written
@@ -173,9 +179,14 @@ def train(
         recipe.setup(data_file)
         if signals is not None:
             signals.check()  # (a stop raised during setup that third-party code swallowed)
-        return recipe.run(t_start)
+        result = recipe.run(t_start)
+        recipe = None  # (the run is over: a stop in ``finish`` says where it stopped itself)
+        if finish is not None and launch.is_main:
+            result = finish(result)
+        return result
     except Interrupted as e:
-        e.detail = recipe.where_stopped() if recipe is not None else ""
+        if recipe is not None:
+            e.detail = recipe.where_stopped()
         raise
     except Exception:
         if signals is None or signals.raised is None:

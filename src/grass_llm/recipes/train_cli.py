@@ -183,9 +183,11 @@ def cli_main(args: argparse.Namespace) -> int:
     if own:
         signals = StopSignals().install()
     try:
-        result = train(cfg, signals=signals, resume_args=_resume_args(args.config, args.overrides))
-        if main_rank and cfg.plots and result.interrupted is None:
-            result = _with_plots(result, signals)
+        def plots(result: TrainResult) -> TrainResult:  # drawn while the run still holds its out_dir
+            return _with_plots(result, signals) if result.interrupted is None else result
+
+        finish = plots if cfg.plots else None
+        result = train(cfg, signals=signals, resume_args=_resume_args(args.config, args.overrides), finish=finish)
     except (TrainInputError, TrainConfigError) as e:
         print(f"grass-llm train: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

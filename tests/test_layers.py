@@ -74,7 +74,7 @@ def test_discovers_decoder_blocks(arch):
     assert any(p is model.get_input_embeddings().weight for p in groups.embeddings)
     out = model.get_output_embeddings().weight
     tied = out is model.get_input_embeddings().weight
-    assert (groups.head == []) == tied
+    assert (groups.head == []) == tied == groups.tied_head
     if arch in ("gpt2", "opt"):  # learned position embeddings count as embeddings
         assert len(groups.embeddings) >= 2
 
@@ -92,6 +92,26 @@ def test_discovers_decoder_blocks(arch):
         if not torch.equal(torch.cat([p.detach().flatten() for p in ps]), before[i])
     ]
     assert changed == opt.active_layers
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_train_head_trains_a_tied_head_through_the_embeddings(tie):
+    """grass.train_head=true on a model whose head is the embeddings' tensor (Llama-3.2, Qwen2.5, Gemma)
+    trains that tensor ("a head tied to the embeddings trains both"); it trained nothing, silently."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(num_layers=4, tie=tie)
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert (head is embed) == tie
+    opt = GrassOptimizer(model, GrassConfig(active_layers=1, probe_steps=0, train_head=True), lr=1e-2)
+    before = {"head": head.detach().clone(), "embed": embed.detach().clone()}
+    x = torch.randint(0, 64, (2, 8))
+    for _ in range(2):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert head.requires_grad and not torch.equal(head, before["head"])
+    assert torch.equal(embed, before["embed"]) != tie  # untied: train_head leaves the embeddings alone
 
 
 class Plain(nn.Module):

@@ -53,6 +53,8 @@ class LayerGroups:
     norm: list[nn.Parameter] = field(default_factory=list)
     other: list[nn.Parameter] = field(default_factory=list)
     names: dict[int, str] = field(default_factory=dict)  # id(param) -> qualified name
+    #: the output embeddings are the input embeddings' tensor (tied): ``head`` is empty, ``embeddings`` holds it
+    tied_head: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -101,6 +103,7 @@ def discover_layers(model: nn.Module, layers: LayerSpec = None) -> LayerGroups:
     embeddings = _unique((p for m in embed_modules if m is not None for p in m.parameters()), seen)
 
     head: list[nn.Parameter] = []
+    tied_head = False
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         try:
@@ -109,9 +112,10 @@ def discover_layers(model: nn.Module, layers: LayerSpec = None) -> LayerGroups:
             out = None
         if out is not None:
             head = _unique(out.parameters(), seen)
+            tied_head = not head and any(p is e for p in out.parameters() for e in embeddings)
     norm = _unique(root.parameters(), seen)
     other += _unique(model.parameters(), seen)
-    return LayerGroups(path, list(blocks), block_params, embeddings, head, norm, other, names)
+    return LayerGroups(path, list(blocks), block_params, embeddings, head, norm, other, names, tied_head)
 
 
 def _decoder_root(model: nn.Module) -> nn.Module:

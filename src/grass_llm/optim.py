@@ -158,6 +158,8 @@ class GrassOptimizer(torch.optim.Optimizer):
         #: whether the last step() was skipped
         self.last_step_skipped = False
         self._always = {name for name in EXTRA_UNITS if getattr(cfg, f"train_{name}")}
+        if cfg.train_head and self.groups.tied_head:  # a tied head is the embeddings' tensor: train it there
+            self._always.add("embeddings")
         self._warned: set[str] = set()
         self.selection = LayerSelector(
             cfg, [self.groups.numel(i) for i in range(self.num_layers)], device, self.backend.broadcast_layers

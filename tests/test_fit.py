@@ -199,6 +199,24 @@ def test_a_larger_budget_never_yields_a_slower_choice():
         previous = p
 
 
+def test_a_plan_does_not_depend_on_the_methods_planned_before_it(monkeypatch):
+    """The model-shape cache once ignored the method, so LoRA's adapters were counted (or not) by whichever
+    method was planned first in the process (``--method grass,lora``): speeds and lower bounds changed."""
+    context = importlib.import_module("grass_llm.memory.fit.context")
+
+    def first_candidates(method):
+        c = F.plan(TINY, 2**40, method, batch_size=2, seq_len=32).candidates[0]
+        return c.tokens_per_s, c.lower_bound
+
+    alone = {}
+    for method in ("lora", "grass"):
+        monkeypatch.setattr(context, "_SHAPES", {})
+        alone[method] = first_candidates(method)
+    monkeypatch.setattr(context, "_SHAPES", {})
+    after = {m: first_candidates(m) for m in ("grass", "lora")} | {"grass": first_candidates("grass")}
+    assert after == alone
+
+
 def test_the_probing_step_is_one_estimate_for_every_residency_and_checkpointing_mode():
     """The planner estimates the probing step once per micro-batch size: no residency or checkpointing mode
     changes it while probe_checkpointing recomputes every block (what lets it reuse the estimate)."""

@@ -79,8 +79,9 @@ class PlanContext:
     def always_trained(self) -> int:
         """Parameters a layer-wise method trains besides its sampled layers (``grass.train_*``)."""
         g, s = self.tc.grass, self.shape
+        tied = s.head_params == 0 and s.head_matmul_params > 0  # the head is the embeddings' tensor
         return (
-            (s.embedding_params if g.train_embeddings else 0)
+            (s.embedding_params if g.train_embeddings or (g.train_head and tied) else 0)
             + (s.head_params if g.train_head else 0)
             + (s.norm_params if g.train_norm else 0)
         )
@@ -138,8 +139,8 @@ def _settings(step: StepInputs) -> dict[str, Any]:
 
 def _shape(config: Any, tc: Any, method: str) -> ModelShape:
     """The model's :class:`ModelShape` (with LoRA's adapters), cached for the process."""
-    key = (config.to_json_string(), tuple(tc.lora.target_modules), tc.lora.rank, tc.grass.layers)
+    targets = tuple(tc.lora.target_modules) if method in ("lora", "dora") else ()  # adapters: LoRA's only
+    key = (config.to_json_string(), targets, tc.lora.rank, tc.grass.layers)
     if key not in _SHAPES:
-        targets = tc.lora.target_modules if method in ("lora", "dora") else ()
         _SHAPES[key] = model_shape(config, targets, tc.lora.rank, tc.grass.layers)
     return _SHAPES[key]

@@ -494,6 +494,45 @@ def test_cli_bad_inputs(tmp_path, tiny_json, capsys):
         assert "CUDA" in capsys.readouterr().err
 
 
+_BAD_CONFIGS = {
+    "list.json": "[1, 2]",
+    "negative.json": json.dumps({"model_type": "llama", "hidden_size": -5}),
+    "nonesuch.json": json.dumps({"model_type": "nonesuch", "hidden_size": 8}),
+}
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--model", "{tmp}/list.json"], "the config is a JSON list; allowed: an object"),
+        (["--model", "{tmp}/negative.json"], "invalid config"),
+        (["--model", "{tmp}/nonesuch.json"], "model_type='nonesuch' is not a model type"),
+        (["--model", "nonexistent.json"], "model='nonexistent.json': no such file or directory"),
+        (["--model", "{json}", "--json", "{tmp}"], "is a directory; allowed: a file path"),
+        (["--model", "{json}", "memory_budget=24GiB"], "allowed here: --budget SIZE"),
+        (["--model", "{json}", "--budget", "8GiB", "--phase", "probe"], "--phase probe cannot be combined"),
+        (["--model", "{json}", "--budget", "8GiB", "--unit", "GB"], "--unit GB cannot be combined"),
+        (["--model", "{json}", "--active-layers", "9"], "active_layers=9 is larger than the model's"),
+        (["--model", "builtin:nonesuch"], "allowed built-in models: builtin:tiny, builtin:tiny-pretrained"),
+    ],
+)
+def test_cli_refuses_in_one_line_before_estimating(tmp_path, tiny_json, capsys, argv, says):
+    """Found by trying the CLI as a stranger: bad configs ended with exit code 1 ("an unexpected failure") or
+    several lines, --json DIR failed after the whole estimate, and conflicting options were ignored."""
+    for name, text in _BAD_CONFIGS.items():
+        (tmp_path / name).write_text(text)
+    argv = [a.format(tmp=tmp_path, json=tiny_json) for a in argv]
+    assert _memory_cli(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("grass-llm memory: error: ") and err.count("\n") == 1, err
+    assert says in err, err
+
+
+def test_cli_takes_the_built_in_models_train_takes(capsys):
+    assert _memory_cli(["--model", "builtin:tiny", "--seq-len", "32", "--phase", "train"]) == 0
+    assert "builtin:tiny" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("kwargs", "names"),
     [

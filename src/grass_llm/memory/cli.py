@@ -52,6 +52,14 @@ def cli_main(args: argparse.Namespace) -> int:
     return estimate_main(args) if args.budget is None else plan_main(args)
 
 
+def _check_common(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """What both modes refuse before any estimate runs (:class:`MemoryEstimateError`)."""
+    if args.json and Path(args.json).expanduser().is_dir():
+        raise MemoryEstimateError(f"--json {args.json!r} is a directory; allowed: a file path (e.g. estimates.json)")
+    if "memory_budget" in overrides:
+        raise MemoryEstimateError("memory_budget is a grass-llm train key; allowed here: --budget SIZE")
+
+
 def _estimator_arguments(parser: argparse.ArgumentParser) -> None:
     """The estimator's options (``grass-llm memory`` without ``--budget``)."""
     parser.description = (
@@ -152,6 +160,7 @@ def estimate_main(args: argparse.Namespace) -> int:
     try:
         chosen = _methods(args.method or [])
         overrides = parse_overrides(args.overrides or [])
+        _check_common(args, overrides)
         if args.measure and not torch.cuda.is_available():
             raise MemoryEstimateError("--measure needs a CUDA device; torch.cuda.is_available() is False")
         if args.measure and args.world_size > 1:
@@ -179,6 +188,9 @@ def estimate_main(args: argparse.Namespace) -> int:
         print(f"grass-llm memory: error: {err}", file=sys.stderr)
         return 2
     print(format_table(shown, unit=args.unit))
+    if args.phase == "probe" and len(rows) < len(chosen):
+        missing = [m for m in chosen if not probes(m, overrides)]
+        print(f"(no probing step: {', '.join(missing)}; --phase run gives their whole run)")
     if args.json:
         _write_json(args.json, [e.to_dict() for e in rows])
     return 0
@@ -254,6 +266,7 @@ def plan_main(args: argparse.Namespace) -> int:
         budget = parse_budget("--budget", args.budget)
         chosen = _methods(args.method or [])
         overrides = parse_overrides(args.overrides or [])
+        _check_common(args, overrides)
         restrict = _restrictions(args, overrides)
         plans = []
         for method in chosen:
@@ -294,6 +307,10 @@ def _restrictions(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[s
         raise FitError("--budget plans one device; allowed: --world-size 1")
     if args.measure:
         raise FitError("--measure cannot be combined with --budget (benchmarks/fit_check.py measures a plan)")
+    if args.phase != "both":
+        raise FitError(f"--phase {args.phase} cannot be combined with --budget (a plan is for the whole run)")
+    if args.unit != "GiB":
+        raise FitError(f"--unit {args.unit} cannot be combined with --budget (plans are printed in GiB)")
     restrict: dict[str, Any] = {}
     given = overrides.pop("activation_checkpointing", None)
     if given is None and args.activation_checkpointing != "none":

@@ -171,6 +171,10 @@ class StepInputs:
             raise MemoryEstimateError(
                 f"active_layer_ids={ids!r} has {len(ids)} distinct layers; allowed: exactly active_layers={gamma}"
             )
+        if num_layers is not None and self.active_layer_ids is None and gamma > num_layers:
+            raise MemoryEstimateError(
+                f"active_layers={gamma} is larger than the model's {num_layers} decoder layers; allowed: 1..{num_layers}"
+            )
         if num_layers is not None and (ids[0] < 0 or ids[-1] >= num_layers):
             raise MemoryEstimateError(
                 f"active_layer_ids={ids!r} is invalid; allowed: layers 0..{num_layers - 1}"

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from grass_llm.memory.inputs import MemoryEstimateError
+from grass_llm.models import looks_like_path
 
 __all__ = ["build_model", "config_name", "load_config"]
 
@@ -30,32 +31,73 @@ def load_config(model: Any):
             f"model={model!r} is invalid; allowed: a PretrainedConfig, a config.json path or directory, "
             "or a hub name in the local cache"
         )
+    if isinstance(model, str) and model.startswith("builtin:"):
+        return _builtin_config(model)
     path = Path(model).expanduser()
     if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (
-            OSError,
-            UnicodeDecodeError,
-            json.JSONDecodeError,
-        ) as err:  # (a binary file: UnicodeDecodeError)
-            raise MemoryEstimateError(f"model={str(model)!r}: cannot read a JSON config: {err}") from err
-        model_type = data.pop("model_type", None)
-        if not model_type:
-            raise MemoryEstimateError(f"model={str(model)!r}: the config has no 'model_type' field")
-        try:
-            return AutoConfig.for_model(model_type, **data)
-        except ValueError as err:
-            raise MemoryEstimateError(f"model={str(model)!r}: {err}") from err
+        return _from_json_file(path, str(model))
     if path.is_dir() and not (path / "config.json").is_file():
         raise MemoryEstimateError(f"model={str(model)!r} is a directory without a config.json")
+    if not path.exists() and (looks_like_path(str(model)) or str(model).endswith(".json")):
+        raise MemoryEstimateError(f"model={str(model)!r}: no such file or directory")
     try:
         return AutoConfig.from_pretrained(str(model), local_files_only=True)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # (OSError, ValueError, a config class's own validation errors)
+        if path.is_dir():
+            raise MemoryEstimateError(f"model={str(model)!r}: {_one_line(err)}") from err
         raise MemoryEstimateError(
             f"model={str(model)!r} not found: it is neither a config.json file, a directory with one, nor a hub "
-            f"name in the local cache (no download is attempted): {err}"
+            "name in the local cache (no download is attempted)"
         ) from err
+
+
+BUILTIN_MODELS = ("builtin:tiny", "builtin:tiny-pretrained")
+
+
+def _builtin_config(name: str):
+    """The config of a model ``grass-llm train`` builds in (``model=builtin:...``), as it builds it."""
+    from grass_llm.data import builtin_tokenizer
+    from grass_llm.models import load_tiny_pretrained, tiny_llama
+
+    if name == "builtin:tiny-pretrained":
+        config = load_tiny_pretrained(torch.float32).config
+    elif name == "builtin:tiny":
+        tok = builtin_tokenizer()
+        ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        config = tiny_llama(len(tok), max_positions=512, **ids).config
+    else:
+        raise MemoryEstimateError(f"model={name!r} is invalid; allowed built-in models: {', '.join(BUILTIN_MODELS)}")
+    config._name_or_path = name
+    return config
+
+
+def _from_json_file(path: Path, name: str):
+    """The config of a ``config.json`` file; :class:`MemoryEstimateError` in one line for any bad content."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:  # (a binary file: UnicodeDecodeError)
+        raise MemoryEstimateError(f"model={name!r}: cannot read a JSON config: {_one_line(err)}") from err
+    if not isinstance(data, dict):
+        raise MemoryEstimateError(f"model={name!r}: the config is a JSON {type(data).__name__}; allowed: an object")
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise MemoryEstimateError(f"model={name!r}: the config has no 'model_type' field")
+    if model_type not in CONFIG_MAPPING:
+        raise MemoryEstimateError(
+            f"model={name!r}: model_type={model_type!r} is not a model type this transformers knows"
+        )
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except Exception as err:  # (ValueError, TypeError, a config class's strict validation errors)
+        raise MemoryEstimateError(f"model={name!r}: invalid config: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message in one line of at most ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def config_name(config) -> str:

@@ -123,6 +123,11 @@ def test_train_config_is_what_methods_read():
         ("grass=3", "grass is a section; set its keys, e.g. grass.<name>=..."),
         ("lora.rank=x", "lora.rank='x' is invalid; allowed: an integer"),
         ("lr=fast", "lr='fast' is invalid; allowed: a number"),
+        # found by trying the CLI as a stranger: no hint, or the section named instead of the key
+        ("learning_rate=1e-4", "unknown config key 'learning_rate'; did you mean lr?"),
+        ("LR=1e-4", "unknown config key 'LR'; did you mean lr?"),
+        ("gradient_accumulation_steps=2", "did you mean grad_accum?"),
+        ("gras.period=3", "unknown config key 'gras.period'; did you mean grass.period"),
     ],
 )
 def test_a_bad_setting_is_named_with_what_is_allowed(override, message):
@@ -130,6 +135,27 @@ def test_a_bad_setting_is_named_with_what_is_allowed(override, message):
 
     with pytest.raises(TrainConfigError, match=re.escape(message)):
         load_train_config(overrides=[override])
+
+
+@pytest.mark.parametrize("method", ["fft", "lora"])
+def test_frozen_checkpointing_is_refused_for_a_method_without_frozen_blocks(method):
+    """grass-llm memory --budget refused it while grass-llm train ran it as no checkpointing at all."""
+    from grass_llm.recipes.train_config import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match=f"activation_checkpointing=frozen is invalid for method={method}"):
+        load_train_config(overrides=[f"method={method}", "activation_checkpointing=frozen"])
+
+
+@pytest.mark.parametrize(("text", "says"), [("lr: [1\n", "expected ','"), ("a:\n\tb: 1\n", "'\\t'")])
+def test_invalid_yaml_is_one_line_saying_where(tmp_path, text, says):
+    from grass_llm.recipes.train_config import TrainConfigError
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(TrainConfigError) as e:
+        load_train_config(path)
+    assert "\n" not in str(e.value) and "is not valid YAML at line 2, column 1: " in str(e.value)
+    assert says in str(e.value)
 
 
 def test_a_method_preset_is_completed_not_replaced_by_the_grass_keys_given():

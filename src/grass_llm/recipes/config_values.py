@@ -45,8 +45,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise TrainConfigError(f"config file {str(p)!r} does not exist")
     try:
         loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise TrainConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # (one line: the problem and where, e.g. line 2, column 1)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise TrainConfigError(f"config file {str(p)!r} is not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise TrainConfigError(f"config file {str(p)!r} is not a text file; allowed: a YAML file") from None
     except OSError as e:
@@ -132,8 +135,12 @@ def _coerced_fields(
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in fields:
-            raise TrainConfigError(unknown(prefix + key))
+        if key not in fields:  # (an unknown section is named by its first key: gras.period, not gras)
+            leaf = f"{prefix}{key}"
+            while isinstance(value, dict) and value:
+                key, value = next(iter(value.items()))
+                leaf += f".{key}"
+            raise TrainConfigError(unknown(leaf))
         sub = section_class(hints[key])
         if sub is None:
             kwargs[key] = coerce(prefix + key, value, hints[key])

@@ -395,6 +395,11 @@ class TrainConfig:
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
+        if self.activation_checkpointing == "frozen" and not self.layer_wise:
+            raise TrainConfigError(
+                f"activation_checkpointing=frozen is invalid for method={self.method} (it recomputes the blocks a "
+                "layer-wise method leaves frozen); allowed: none, full"
+            )
         for name in ("model", "data"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TrainConfigError(
@@ -502,8 +507,26 @@ def load_train_config(
     return TrainConfig.from_dict(merged)
 
 
+#: the names other trainers (HF TrainingArguments, TRL, torchtune) give to keys of ours
+_OTHER_NAMES = {
+    "learning_rate": "lr",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "max_seq_length": "max_length",
+    "max_seq_len": "max_length",
+    "seq_len": "max_length",
+    "num_train_epochs": "epochs",
+    "warmup_steps": "warmup",
+    "output_dir": "out_dir",
+    "model_name_or_path": "model",
+}
+
+
 def _unknown_key(full: str) -> str:
-    close = difflib.get_close_matches(full, TrainConfig.keys(), n=3, cutoff=0.6)
+    known = TrainConfig.keys()
+    close = difflib.get_close_matches(full, known, n=3, cutoff=0.6)
+    if full.lower() in _OTHER_NAMES or full.lower() in known:  # (LR, Batch_Size)
+        close = [_OTHER_NAMES.get(full.lower(), full.lower())]
     if full.startswith("lisa."):  # the section of earlier versions
         close = [f"grass.{full[5:]}"]
     if full == "gradient_checkpointing":  # the key of earlier versions

@@ -288,6 +288,25 @@ def test_cli_bad_input_exit_2(argv, message, tiny_model_dir, shared_data, capsys
     assert err.startswith("grass-llm eval: error:") and message in err
 
 
+@pytest.mark.parametrize("benchmarks", ["arithmetic", "GSM8K"])
+def test_cli_without_data_says_so_once_before_loading_the_model(
+    benchmarks, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    """A group without --data-dir / $GRASS_DATA_DIR loaded the model, then printed the same sentence 6 times
+    (and a group whose files are all missing loaded the model before refusing)."""
+    monkeypatch.delenv("GRASS_DATA_DIR", raising=False)
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("grass_llm.evaluate.cli"), "_load", lambda a: pytest.fail("loaded"))
+    assert E.cli_main(_parse(["--model", str(tiny_model_dir), "--benchmarks", benchmarks])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("grass-llm eval: error: no data directory: pass --data-dir") and err.count("\n") == 1
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(tmp_path), "--benchmarks", "arithmetic"]
+    assert E.cli_main(_parse(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("grass-llm eval: error: no benchmark to evaluate: ") and err.count("\n") == 1
+
+
 def test_cli_model_dir_without_config(tmp_path, capsys):
     assert E.cli_main(_parse(["--model", str(tmp_path)])) == 2
     assert "no config.json" in capsys.readouterr().err

@@ -170,6 +170,7 @@ def _test_files(
     say: Callable[[str], None],
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """``({name: test file}, {name: why skipped})``; a missing file raises unless ``skip_missing``."""
+    llm_adapters_root(data_dir)  # (no data directory at all: said once, not once per benchmark)
     paths: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     for b in benches:

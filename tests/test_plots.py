@@ -328,8 +328,8 @@ def test_cli_plot_errors(tmp_path, capsys, plot_only_cli):
     assert plot_only_cli(["plot", str(tmp_path)]) == 2  # directory without a log
     assert "no run log at" in capsys.readouterr().err
     (tmp_path / LOG_FILENAME).write_text('{"step":1,"phase":"train"}\n{oops\n{"step":3,"phase":"train"}\n')
-    assert plot_only_cli(["plot", str(tmp_path)]) == 1
-    assert "bad line 2" in capsys.readouterr().err
+    assert plot_only_cli(["plot", str(tmp_path)]) == 2  # a malformed log is bad input
+    assert "error: " in (err := capsys.readouterr().err) and "bad line 2" in err
     # skipped plots are reported, not silently dropped
     (tmp_path / LOG_FILENAME).write_text('{"step":1,"phase":"train","active_layers":[0]}\n')
     assert plot_only_cli(["plot", str(tmp_path)]) == 0

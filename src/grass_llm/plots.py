@@ -399,8 +399,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """Run ``grass-llm plot``: print each PNG written; exit 2 for a missing run directory or log,
-    1 for a malformed or empty log."""
+    """Run ``grass-llm plot``: print each PNG written; exit 2 for bad input (a missing run directory, a
+    missing, malformed or empty log), 1 when the log cannot be read or the plots cannot be written."""
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         print(f"grass-llm plot: run directory not found: {run_dir}", file=sys.stderr)
@@ -414,9 +414,9 @@ def cli_main(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"grass-llm plot: {exc}", file=sys.stderr)
         return 2
-    except (RunLogError, UnicodeDecodeError) as exc:
-        print(f"grass-llm plot: {exc}", file=sys.stderr)
-        return 1
+    except (RunLogError, UnicodeDecodeError) as exc:  # (bad input: exit code 2, like every other)
+        print(f"grass-llm plot: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"grass-llm plot: error: cannot read {run_dir / LOG_FILENAME}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -418,6 +418,20 @@ def test_a_bare_number_budget_is_gib_in_train_as_in_its_messages():
     assert all(p.fits for p in plans) and all(p.settings == plans[0].settings for p in plans)
 
 
+def test_print_config_shows_the_planned_settings(capsys):
+    """--print-config printed grass.offload: auto under a memory_budget whose plan chose another residency."""
+    import yaml
+
+    from grass_llm.cli import main
+    from grass_llm.recipes.train_config import load_train_config
+
+    expected = F.plan_for_train_config(load_train_config(overrides=[*TRAIN, "memory_budget=1TiB"])).settings
+    assert main(["train", *TRAIN, "memory_budget=1TiB", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    shown = {k: printed[k] for k in ("batch_size", "grad_accum", "activation_checkpointing")}
+    assert {**shown, "grass.offload": printed["grass"]["offload"]} == expected
+
+
 def test_train_refuses_when_nothing_fits_and_writes_nothing(tmp_path, capsys):
     from grass_llm.cli import main
 

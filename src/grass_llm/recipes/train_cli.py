@@ -102,7 +102,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(_RESUME_PATH_OPTION, dest="resume", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--print-config", action="store_true", help="Print the resolved settings as YAML and exit."
+        "--print-config", action="store_true", help="Print the resolved settings as YAML (memory_budget's plan applied) and exit."
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Setting overrides.")
 
@@ -174,7 +174,16 @@ def cli_main(args: argparse.Namespace) -> int:
             args._signals.check()  # (a failure after a Ctrl-C that a library swallowed: the Ctrl-C)
         print(f"grass-llm train: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.print_config:
+    if args.print_config:  # the settings the run would use: memory_budget's plan applied
+        if cfg.memory_budget is not None:
+            from grass_llm.memory.fit import apply_memory_budget
+            from grass_llm.recipes.inputs import resolve_device
+
+            try:
+                cfg = apply_memory_budget(cfg, resolve_device(cfg), say=lambda line: print(line, file=sys.stderr))
+            except (TrainConfigError, TrainInputError) as e:
+                print(f"grass-llm train: error: {e}", file=sys.stderr)
+                return EXIT_BAD_INPUT
         print(config_yaml(cfg), end="")
         return EXIT_OK
     # the CLI's handlers (grass_llm.cli.main installs them first thing), else our own

@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "the memory tracker (its storage labels and cuBLAS workspace sizes)",
         (
             "grass_llm._tensor",
+            "grass_llm._text",
             "grass_llm.schedule",
             "grass_llm.runlog",
             "grass_llm.run_layout",

@@ -28,6 +28,8 @@ import threading
 import warnings
 from collections.abc import Sequence
 
+from grass_llm._text import one_line
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": (
@@ -51,12 +53,6 @@ DEBUG_ENV = "GRASS_LLM_DEBUG"
 def debug() -> bool:
     """Whether ``$GRASS_LLM_DEBUG`` asks for tracebacks."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def one_line(e: BaseException) -> str:
-    """``e``'s message on one line (its lines joined), at most 1000 characters."""
-    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
-    return text if len(text) <= 1000 else text[:997] + "..."
 
 
 def _version() -> str:

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from grass_llm._text import one_line
+
 __all__ = [
     "TINY_PRETRAINED_ASSET",
     "ModelLoadError",
@@ -93,7 +95,8 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, device
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as e:  # OSError, ValueError, safetensors' SafetensorError (a truncated file)...
-        raise ModelLoadError(f"cannot load model {name!r}: {type(e).__name__}: {_one_line(e)}") from None
+        text = one_line(e, limit=None, empty="(no message)")
+        raise ModelLoadError(f"cannot load model {name!r}: {type(e).__name__}: {text}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     return (model if device is None else model.to(device)), tokenizer
@@ -115,10 +118,6 @@ def _check_adapter_base(name: str, config: Path) -> None:
         )
     if looks_like_path(base) and not Path(base).expanduser().exists():
         raise ModelLoadError(f"model {name!r} is an adapter whose base model {base!r} does not exist")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or "(no message)"
 
 
 def load_tiny_pretrained(dtype: torch.dtype | None = None, asset: Path | None = None):

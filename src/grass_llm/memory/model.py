@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from grass_llm._text import one_line
 from grass_llm.memory.inputs import MemoryEstimateError
 from grass_llm.models import looks_like_path
 
@@ -44,7 +45,7 @@ def load_config(model: Any):
         return AutoConfig.from_pretrained(str(model), local_files_only=True)
     except Exception as err:  # (OSError, ValueError, a config class's own validation errors)
         if path.is_dir():
-            raise MemoryEstimateError(f"model={str(model)!r}: {_one_line(err)}") from err
+            raise MemoryEstimateError(f"model={str(model)!r}: {one_line(err, limit=300)}") from err
         raise MemoryEstimateError(
             f"model={str(model)!r} not found: it is neither a config.json file, a directory with one, nor a hub "
             "name in the local cache (no download is attempted)"
@@ -78,7 +79,7 @@ def _from_json_file(path: Path, name: str):
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:  # (a binary file: UnicodeDecodeError)
-        raise MemoryEstimateError(f"model={name!r}: cannot read a JSON config: {_one_line(err)}") from err
+        raise MemoryEstimateError(f"model={name!r}: cannot read a JSON config: {one_line(err, limit=300)}") from err
     if not isinstance(data, dict):
         raise MemoryEstimateError(f"model={name!r}: the config is a JSON {type(data).__name__}; allowed: an object")
     model_type = data.pop("model_type", None)
@@ -91,13 +92,7 @@ def _from_json_file(path: Path, name: str):
     try:
         return AutoConfig.for_model(model_type, **data)
     except Exception as err:  # (ValueError, TypeError, a config class's strict validation errors)
-        raise MemoryEstimateError(f"model={name!r}: invalid config: {_one_line(err)}") from err
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    """An exception's message in one line of at most ``limit`` characters."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise MemoryEstimateError(f"model={name!r}: invalid config: {one_line(err, limit=300)}") from err
 
 
 def config_name(config) -> str:

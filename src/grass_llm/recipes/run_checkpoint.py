@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from grass_llm._text import one_line
 from grass_llm.distributed.sharded_checkpoint import OPTIMIZER_FILE as SHARDED_OPTIMIZER_FILE
 from grass_llm.run_layout import CHECKPOINT_DIR
 
@@ -147,7 +148,7 @@ def describe_error(e: BaseException, path: str | os.PathLike[str] | None = None)
     if isinstance(e, OSError) and e.strerror:
         name = os.fsdecode(e.filename) if e.filename else None
         return e.strerror + (f" ({name})" if name and name != os.fspath(path or "") else "")
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    text = one_line(e, limit=None, empty="")
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 

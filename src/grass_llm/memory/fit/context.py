@@ -79,9 +79,8 @@ class PlanContext:
     def always_trained(self) -> int:
         """Parameters a layer-wise method trains besides its sampled layers (``grass.train_*``)."""
         g, s = self.tc.grass, self.shape
-        tied = s.head_params == 0 and s.head_matmul_params > 0  # the head is the embeddings' tensor
-        return (
-            (s.embedding_params if g.train_embeddings or (g.train_head and tied) else 0)
+        return (  # (train_head trains a tied head where it is: in the embeddings, as GrassOptimizer does)
+            (s.embedding_params if g.train_embeddings or (g.train_head and s.tied_head) else 0)
             + (s.head_params if g.train_head else 0)
             + (s.norm_params if g.train_norm else 0)
         )

@@ -36,7 +36,7 @@ class Measurement:
 MEASURED_SHAPES = {
     "LLaMA2-7B": ModelShape(32, 6476267520, 131072000, 131072000, 131072000, 4096, 6738415616, 4096, 224395264),
     "TinyLlama-1.1B": ModelShape(22, 968974336, 65536000, 65536000, 65536000, 2048, 1100048384, 2048, 67764224),
-    "Gemma-2B": ModelShape(18, 1981882368, 524288000, 0, 524288000, 2048, 2506172416, 2048, 104988672),
+    "Gemma-2B": ModelShape(18, 1981882368, 524288000, 0, 524288000, 2048, 2506172416, 2048, 104988672, tied_head=True),
 }
 _NEW = "H200, 2026-12-04, period residency (issue #19), one fresh process per row"
 _OLD = "H200, 2026-12-04, main at f8bc263 (../shared/gpu-runs/2026-12-04-h200)"

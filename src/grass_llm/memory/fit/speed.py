@@ -26,6 +26,7 @@ class ModelShape:
     total_params: int
     attention_width: int  # query heads x head dim (the attention score and value matmuls)
     adapter_params: int = 0  # LoRA / DoRA adapters on the target modules at the rank
+    tied_head: bool = False  # the head is the embeddings' tensor (``LayerGroups.tied_head``)
 
     @property
     def mean_block(self) -> float:
@@ -66,6 +67,7 @@ def model_shape(
         total_params=sum(p.numel() for p in model.parameters()),
         attention_width=heads * int(head_dim),
         adapter_params=adapters,
+        tied_head=groups.tied_head,
     )
 
 

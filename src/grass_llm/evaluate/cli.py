@@ -15,12 +15,10 @@ from grass_llm.data import PROMPT_STYLES, DataError
 from grass_llm.evaluate.benchmarks import (
     BENCHMARKS,
     EvalInputError,
-    benchmark_path,
-    llm_adapters_root,
     resolve_benchmarks,
 )
 from grass_llm.evaluate.results import format_results_markdown
-from grass_llm.evaluate.run import evaluate_model
+from grass_llm.evaluate.run import benchmark_files, evaluate_model
 from grass_llm.models import ModelLoadError, load_model_and_tokenizer, looks_like_path
 from grass_llm.run_layout import ADAPTER_DIR, EVAL_DIR, FINAL_DIR, is_run_dir
 
@@ -175,17 +173,7 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         _check_cli_args(args)
         benches, used_group = resolve_benchmarks(args.benchmarks)
-        llm_adapters_root(args.data_dir)  # (no data directory at all: one line, before the model loads)
-        missing = []
-        for b in benches:  # fail before loading the model
-            try:
-                benchmark_path(b, args.data_dir)
-            except EvalInputError as e:
-                if not used_group:
-                    raise
-                missing.append(str(e))
-        if len(missing) == len(benches):
-            raise EvalInputError("no benchmark to evaluate: " + "; ".join(missing))
+        benchmark_files(benches, args.data_dir, used_group, say=lambda _: None)  # fail before loading the model
         out = Path(args.out).expanduser() if args.out else default_out_dir(args.model)
         earlier = _check_out_dir(out, args.overwrite)
         model, tokenizer = _load(args)

@@ -26,7 +26,7 @@ from grass_llm.evaluate.generation import generate_responses
 from grass_llm.evaluate.results import format_results_markdown, group_averages
 from grass_llm.evaluate.scoring import gold_answer, is_correct, predict
 
-__all__ = ["evaluate_model"]
+__all__ = ["benchmark_files", "evaluate_model"]
 
 
 def evaluate_model(
@@ -76,7 +76,7 @@ def evaluate_model(
     _check_settings(prompt_style, limit, batch_size, max_new_tokens)
     benches, used_group = resolve_benchmarks(benchmarks)
     say = _printer(verbose)
-    paths, skipped = _test_files(benches, data_dir, used_group if skip_missing is None else skip_missing, say)
+    paths, skipped = benchmark_files(benches, data_dir, used_group if skip_missing is None else skip_missing, say)
     # every file is read (and checked) before anything is generated
     records = {
         name: load_records(p, required=("instruction", "answer"), limit=limit) for name, p in paths.items()
@@ -163,13 +163,14 @@ def _printer(verbose: bool) -> Callable[[str], None]:
     return say
 
 
-def _test_files(
+def benchmark_files(
     benches: Sequence[Benchmark],
     data_dir: str | os.PathLike[str] | None,
     skip_missing: bool,
     say: Callable[[str], None],
 ) -> tuple[dict[str, Path], dict[str, str]]:
-    """``({name: test file}, {name: why skipped})``; a missing file raises unless ``skip_missing``."""
+    """``({name: test file}, {name: why skipped})``; a missing file raises unless ``skip_missing``, and
+    nothing to evaluate raises (``grass-llm eval`` checks this before it loads the model)."""
     llm_adapters_root(data_dir)  # (no data directory at all: said once, not once per benchmark)
     paths: dict[str, Path] = {}
     skipped: dict[str, str] = {}

@@ -27,6 +27,7 @@ __all__ = [
     "parse_scalar",
     "read_yaml_mapping",
     "section_class",
+    "unknown_key",
 ]
 
 
@@ -239,3 +240,32 @@ def check_non_negative(name: str, value: Any) -> None:
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TrainConfigError(f"{name}={value!r} is invalid; allowed: true or false")
+
+
+#: keys of earlier versions and the names other trainers (HF TrainingArguments, TRL, torchtune) give to keys
+#: of ours, with what to write instead
+OTHER_NAMES = {
+    "gradient_checkpointing": "activation_checkpointing=full",
+    "learning_rate": "lr",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "max_seq_length": "max_length",
+    "max_seq_len": "max_length",
+    "seq_len": "max_length",
+    "num_train_epochs": "epochs",
+    "warmup_steps": "warmup",
+    "output_dir": "out_dir",
+    "model_name_or_path": "model",
+}
+
+
+def unknown_key(full: str, known: list[str]) -> str:
+    """The message for the unknown dotted key ``full``: what to write instead (another trainer's name, a key
+    of an earlier version, the key in other letter case) or the closest ``known`` keys."""
+    close = difflib.get_close_matches(full, known, n=3, cutoff=0.6)
+    if full.lower() in OTHER_NAMES or full.lower() in known:  # (LR, Batch_Size)
+        close = [OTHER_NAMES.get(full.lower(), full.lower())]
+    if full.startswith("lisa."):  # the section of earlier versions
+        close = [f"grass.{full[5:]}"]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key {full!r}{hint} (run `grass-llm train -h` for the list)"

@@ -21,7 +21,6 @@ linear decay, LoRA on q/k/v/up/down projections.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from grass_llm.recipes.config_values import (
     nest,
     parse_scalar,
     read_yaml_mapping,
+    unknown_key,
 )
 from grass_llm.recipes.methods import METHODS, get_method
 
@@ -507,32 +507,8 @@ def load_train_config(
     return TrainConfig.from_dict(merged)
 
 
-#: the names other trainers (HF TrainingArguments, TRL, torchtune) give to keys of ours
-_OTHER_NAMES = {
-    "learning_rate": "lr",
-    "gradient_accumulation_steps": "grad_accum",
-    "per_device_train_batch_size": "batch_size",
-    "max_seq_length": "max_length",
-    "max_seq_len": "max_length",
-    "seq_len": "max_length",
-    "num_train_epochs": "epochs",
-    "warmup_steps": "warmup",
-    "output_dir": "out_dir",
-    "model_name_or_path": "model",
-}
-
-
 def _unknown_key(full: str) -> str:
-    known = TrainConfig.keys()
-    close = difflib.get_close_matches(full, known, n=3, cutoff=0.6)
-    if full.lower() in _OTHER_NAMES or full.lower() in known:  # (LR, Batch_Size)
-        close = [_OTHER_NAMES.get(full.lower(), full.lower())]
-    if full.startswith("lisa."):  # the section of earlier versions
-        close = [f"grass.{full[5:]}"]
-    if full == "gradient_checkpointing":  # the key of earlier versions
-        close = ["activation_checkpointing=full"]
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown config key {full!r}{hint} (run `grass-llm train -h` for the list)"
+    return unknown_key(full, TrainConfig.keys())
 
 
 def config_yaml(cfg: TrainConfig, history: list[dict[str, Any]] | None = None) -> str:

@@ -14,7 +14,7 @@ from grass_llm._text import one_line
 from grass_llm.memory.inputs import MemoryEstimateError
 from grass_llm.models import looks_like_path
 
-__all__ = ["build_model", "config_name", "load_config"]
+__all__ = ["BUILTIN_MODELS", "build_model", "builtin_config", "config_name", "load_config"]
 
 
 def load_config(model: Any):
@@ -33,7 +33,7 @@ def load_config(model: Any):
             "or a hub name in the local cache"
         )
     if isinstance(model, str) and model.startswith("builtin:"):
-        return _builtin_config(model)
+        return builtin_config(model)
     path = Path(model).expanduser()
     if path.is_file():
         return _from_json_file(path, str(model))
@@ -55,19 +55,16 @@ def load_config(model: Any):
 BUILTIN_MODELS = ("builtin:tiny", "builtin:tiny-pretrained")
 
 
-def _builtin_config(name: str):
-    """The config of a model ``grass-llm train`` builds in (``model=builtin:...``), as it builds it."""
-    from grass_llm.data import builtin_tokenizer
-    from grass_llm.models import load_tiny_pretrained, tiny_llama
+def builtin_config(name: str, settings: Any = None):
+    """The config of a model ``grass-llm train`` builds in (``model=builtin:...``), built by the recipe's own
+    ``load_model`` for ``settings`` (a ``TrainConfig``; default: train's defaults with this model)."""
+    from grass_llm.recipes.build import load_model
+    from grass_llm.recipes.train_config import TrainConfig
 
-    if name == "builtin:tiny-pretrained":
-        config = load_tiny_pretrained(torch.float32).config
-    elif name == "builtin:tiny":
-        tok = builtin_tokenizer()
-        ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        config = tiny_llama(len(tok), max_positions=512, **ids).config
-    else:
+    if name not in BUILTIN_MODELS:
         raise MemoryEstimateError(f"model={name!r} is invalid; allowed built-in models: {', '.join(BUILTIN_MODELS)}")
+    model, _ = load_model(settings if settings is not None else TrainConfig(model=name), torch.float32, torch.device("cpu"))
+    config = model.config
     config._name_or_path = name
     return config
 

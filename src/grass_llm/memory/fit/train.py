@@ -14,6 +14,7 @@ from grass_llm.memory.budget import format_size, parse_budget
 from grass_llm.memory.fit.plans import FitError, FitPlan
 from grass_llm.memory.fit.report import gib
 from grass_llm.memory.fit.search import plan
+from grass_llm.memory.model import builtin_config
 
 __all__ = ["apply_memory_budget", "plan_for_train_config"]
 
@@ -148,11 +149,4 @@ def _resumed_checkpoint(cfg: Any) -> Path | None:
 def _planning_config(cfg: Any) -> Any:
     """The transformers config of ``cfg.model``: a built-in model's (built as the run builds it, tiny), else a
     config.json path or directory, or a hub name in the local cache (never downloaded)."""
-    if cfg.model.startswith("builtin:"):
-        from grass_llm.recipes.build import load_model
-
-        model, _ = load_model(cfg, torch.float32, torch.device("cpu"))
-        config = model.config
-        config._name_or_path = cfg.model
-        return config
-    return cfg.model
+    return builtin_config(cfg.model, cfg) if cfg.model.startswith("builtin:") else cfg.model
